@@ -1,0 +1,61 @@
+"""Autoregressive baseline: next-token prediction with causal attention (GUIDE §3).
+
+The same four functions as mdlm.py, duo.py and esolm.py, so train.py,
+sample.py and bench.py never branch on the method:
+  vocab_size(K)                     ids the network embeds (no [MASK] here)
+  train_loss(model, x, u, args, step, state) -> scalar, mean per token
+  eval_nll(model, x, u, args)       -> (NLL per sequence (B,), tokens per sequence)
+  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+"""
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, sample_categorical, top_p_filter
+
+EXACT = True  # eval_nll is the exact NLL, not a bound
+
+
+def add_args(parser):
+    pass  # AR has no options of its own
+
+
+def vocab_size(K):
+    return K
+
+
+def train_loss(model, x, u, args, step, state):
+    # -log p(x_l | x_<l), averaged over the L-1 predicted tokens; u (times) unused
+    logits = model(x[:, :-1], causal=True)
+    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+@torch.no_grad()
+def eval_nll(model, x, u, args):
+    logits = model(x[:, :-1], causal=True)
+    nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction='none')
+    return nll.view(x.shape[0], -1).sum(1), x.shape[1] - 1
+
+
+def next_token(logits, args):
+    """Draw from softmax(logits / temperature), nucleus-filtered."""
+    dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32
+    probs = (logits.to(dtype) / getattr(args, 'temperature', 1.0)).softmax(-1)
+    return sample_categorical(top_p_filter(probs, getattr(args, 'top_p', 1.0)))
+
+
+@torch.no_grad()
+def sample(model, args, n, length, prompt=None, device='cpu'):
+    """Continue prompt (n, P), P >= 1, to `length` tokens, left to right.
+    With args.cache each step runs the network on the new token only."""
+    if prompt is None or prompt.shape[1] == 0:
+        raise ValueError('AR sampling needs a prompt of at least one token (e.g. end-of-text)')
+    x, nfe = prompt, 0
+    cache = KVCache(length) if getattr(args, 'cache', True) else None
+    new = x  # tokens the network has not seen yet
+    while x.shape[1] < length:
+        logits = model(new, causal=True, cache=cache) if cache is not None else model(x, causal=True)
+        nfe += 1
+        tok = next_token(logits[:, -1], args)[:, None]
+        x = torch.cat([x, tok], dim=1)
+        new = tok
+    return x, nfe

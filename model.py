@@ -1,0 +1,260 @@
+"""The one network shared by AR, MDLM, Duo and Eso-LM: the seed's DiT transformer.
+
+Pre-LayerNorm blocks (weight, no bias), rotary positions, adaLN time conditioning
+on sigma, tanh-GELU MLP, zero-initialised modulation and output layer, untied
+embeddings. The network knows no method: a method chooses the attention
+(causal, bidirectional or a boolean mask), the rotary positions, sigma, and
+whether to decode incrementally with a KV cache. See ../shared/GUIDE.md §2.
+
+Plain forward signature, which every loss and sampler uses (so any callable
+with it can stand in for the network in tests):
+
+    logits = model(x, sigma=None, causal=False, mask=None, positions=None,
+                   cache=None, select=None)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# name: (d_model, layers, heads). The seed's ladder (GUIDE §8) plus CPU sizes.
+SIZES = {
+    'tiny': (64, 2, 2), 'mini': (128, 4, 4), 'small': (192, 4, 6),
+    '6M': (256, 6, 4), '19M': (384, 8, 6), '34M': (512, 8, 8), '48M': (576, 9, 9),
+    '66M': (640, 10, 10), '75M': (640, 16, 8), '85M': (640, 13, 10),
+    '113M': (768, 12, 12), '142M': (768, 15, 12), '170M': (768, 18, 12),
+    '180M': (896, 14, 14), '206M': (896, 16, 14), '231M': (896, 18, 14),
+    '268M': (1024, 16, 16), '302M': (1024, 18, 16), '336M': (1024, 20, 16),
+    '472M': (1280, 18, 10), '551M': (1280, 21, 10), '571M': (1408, 18, 11),
+    '629M': (1280, 24, 10), '666M': (1408, 21, 11), '761M': (1408, 24, 11),
+    '831M': (1536, 22, 12), '944M': (1536, 25, 12), '1233M': (1792, 24, 14),
+    '1476M': (2048, 22, 16), '1678M': (2048, 25, 16), '2121M': (2176, 28, 17),
+}
+
+
+@dataclass
+class Config:
+    vocab_size: int       # input ids 0..vocab_size-1 (a method's [MASK] included)
+    n_embd: int = 256
+    n_layer: int = 6
+    n_head: int = 4
+    cond_dim: int = 128   # width of the sigma embedding fed to adaLN
+    dropout: float = 0.0
+
+    @property
+    def padded_vocab(self):  # rows of the embedding/output, a multiple of 128
+        return -(-self.vocab_size // 128) * 128
+
+
+def get_config(size, vocab_size, **kw):
+    if size not in SIZES:
+        raise ValueError(f"unknown size '{size}': choose one of {', '.join(SIZES)}")
+    d, n_layer, n_head = SIZES[size]
+    return Config(vocab_size=vocab_size, n_embd=d, n_layer=n_layer, n_head=n_head, **kw)
+
+
+def flops_per_token(cfg, seq_len, attention=False):
+    """Forward FLOPs per token. Without attention: the seed's count (GUIDE §7),
+    2 x every matmul weight applied per token (qkv, out, MLP, output layer) plus
+    the adaLN modulation, which runs once per sequence. With attention: adds
+    the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward), for MFU."""
+    d, n = cfg.n_embd, cfg.n_layer
+    per_token = 2 * (n * 12 * d * d + d * cfg.vocab_size)
+    per_seq = 2 * cfg.cond_dim * (n * 6 * d + 2 * d)
+    flops = per_token + per_seq / seq_len
+    if attention:
+        flops += 4 * n * d * seq_len  # QK^T and AV: 2 * 2 * d * T per layer
+    return flops
+
+
+# ----------------------------------------------------------------------------
+# building blocks
+
+class LayerNorm(nn.Module):  # weight, no bias
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight)
+
+
+def modulate(x, shift, scale):  # adaLN
+    return x * (1 + scale) + shift
+
+
+def rotary(positions, head_dim, base=10000.0):
+    """cos, sin of shape (B, 1, L, head_dim/2) for integer positions (B, L)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    angles = positions[:, None, :, None].float() * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def sigma_embedding(sigma, dim=256, max_period=10000.0):
+    """Sinusoidal features of the noise level sigma (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device) / half)
+    args = sigma[:, None].float() * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class KVCache:
+    """Keys and values of committed tokens, for incremental decoding.
+
+    A forward pass with `cache=` runs only the new tokens: their queries attend
+    to every cached key and causally among themselves; their keys/values are
+    appended and `cache.len` advances past them. A method that wants to keep
+    only the first m new tokens (Eso-LM: the others are still masked) calls
+    `cache.truncate(old_len + m)`; the rest are overwritten next time."""
+
+    def __init__(self, max_len):
+        self.k, self.v = {}, {}  # layer -> (B, H, max_len, head_dim)
+        self.max_len, self.len = max_len, 0
+
+    def update(self, layer, k, v):
+        B, H, n, hd = k.shape
+        if layer not in self.k:
+            self.k[layer] = k.new_empty(B, H, self.max_len, hd)
+            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
+        end = self.len + n
+        if end > self.max_len:
+            raise ValueError(f'KV cache full: {end} > max_len {self.max_len}')
+        self.k[layer][:, :, self.len:end] = k
+        self.v[layer][:, :, self.len:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length):
+        self.len = length
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, causal, mask, cache, layer):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # new queries see all cached keys, causal among themselves
+            start = cache.len
+            k, v = cache.update(layer, k, v)
+            causal, mask = False, None
+            if L > 1:
+                mask = torch.arange(start + L, device=x.device) <= start + torch.arange(L, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.n_embd
+        self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
+        self.attn = Attention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
+        self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)  # shift, scale, gate for attention and MLP
+        self.dropout = cfg.dropout
+
+    def forward(self, x, c, cos, sin, causal, mask, cache, layer):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, None].chunk(6, dim=-1)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, causal, mask, cache, layer)
+        x = x + gate1 * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2 * F.dropout(h, self.dropout, self.training)
+
+
+# ----------------------------------------------------------------------------
+# the network
+
+class DiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, V = cfg.n_embd, cfg.padded_vocab
+        self.embed = nn.Parameter(torch.empty(V, d))
+        nn.init.kaiming_uniform_(self.embed, a=math.sqrt(5))
+        self.sigma_mlp = nn.Sequential(nn.Linear(256, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_out = LayerNorm(d)
+        self.adaLN_out = nn.Linear(cfg.cond_dim, 2 * d)
+        self.out = nn.Linear(d, V)
+        for lin in [b.adaLN for b in self.blocks] + [self.adaLN_out, self.out]:
+            nn.init.zeros_(lin.weight)  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(lin.bias)
+        # padded rows never win: -inf logits beyond the real vocabulary
+        pad = torch.zeros(V)
+        pad[cfg.vocab_size:] = float('-inf')
+        self.register_buffer('pad_bias', pad, persistent=False)
+
+    def num_params(self, embeddings=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.numel() - self.out.weight.numel()
+
+    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+        """x: token ids (B, L) or probability vectors (B, L, K) over the first K ids.
+        sigma: (B,) noise level for adaLN (zeros if None). causal / mask: attention
+        (mask is boolean, True = may attend, broadcastable to (B, H, L, Lk)).
+        positions: (B, L) rotary positions (default: cache.len + 0..L-1).
+        select: optional boolean (B, L): return logits only there, shape (N, V).
+        Returns logits (B, L, V) over the padded vocabulary (padding = -inf)."""
+        if x.dtype.is_floating_point:   # soft input: weighted sum of embeddings
+            h = x @ self.embed[:x.shape[-1]].to(x.dtype)
+        else:
+            h = self.embed[x]
+        B, L = h.shape[:2]
+        if sigma is None:
+            sigma = torch.zeros(B, device=h.device)
+        if positions is None:
+            start = cache.len if cache is not None else 0
+            positions = torch.arange(start, start + L, device=h.device).expand(B, L)
+        c = F.silu(self.sigma_mlp(sigma_embedding(sigma)))
+        cos, sin = rotary(positions, self.cfg.n_embd // self.cfg.n_head)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, causal, mask, cache, i)
+        if cache is not None:
+            cache.len += L
+        shift, scale = self.adaLN_out(c)[:, None].chunk(2, dim=-1)
+        h = modulate(self.norm_out(h), shift, scale)
+        if select is not None:  # output layer only where a loss needs it
+            h = h[select]
+        return F.linear(h, self.out.weight, self.out.bias + self.pad_bias)
+
+
+def unwrap(model):
+    """The DiT inside a DDP and/or torch.compile wrapper."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+# ----------------------------------------------------------------------------
+# sampling helpers shared by the methods' samplers
+
+def top_p_filter(probs, top_p):
+    """Nucleus: keep the smallest set of tokens whose mass reaches top_p, renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_categorical(probs):
+    """One draw per row of probs (..., V): argmax p_i / E_i with E_i ~ Exp(1),
+    the exponential race (Gumbel-max in another form). Pass float64 probs:
+    float32 noise visibly lowers the entropy of long samples (GUIDE §4)."""
+    e = torch.empty_like(probs).exponential_()
+    return (probs / e).argmax(dim=-1)
