@@ -219,7 +219,7 @@ class DiT(nn.Module):
         if positions is None:
             start = cache.len if cache is not None else 0
             positions = torch.arange(start, start + L, device=h.device).expand(B, L)
-        c = F.silu(self.sigma_mlp(sigma_embedding(sigma)))
+        c = F.silu(self.sigma_mlp(sigma_embedding(sigma).to(self.embed.dtype)))
         cos, sin = rotary(positions, self.cfg.n_embd // self.cfg.n_head)
         for i, block in enumerate(self.blocks):
             h = block(h, c, cos, sin, causal, mask, cache, i)

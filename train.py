@@ -1,0 +1,406 @@
+"""Train AR, MDLM, Duo or Eso-LM with one trainer.
+
+    python train.py --algo mdlm --size 6M                  # CPU: shrunk defaults, ~10 min
+    torchrun --standalone --nproc_per_node=8 train.py --algo mdlm --size 113M --flops 6e18
+    python train.py --algo duo --size 19M --dry-run        # print the plan and exit
+
+The method is a module (ar.py, mdlm.py, duo.py, esolm.py) with the same
+functions; this file never branches on it. The defaults are the seed's scaling
+recipe (GUIDE §7) on a GPU and a small run on a CPU.
+"""
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import DiT, Config, SIZES, flops_per_token, get_config, unwrap
+
+ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
+ON_GPU = torch.cuda.is_available()
+# (GPU: the seed's recipe, CPU: a ~10 minute run of the 6M model)
+DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256), max_iters=(100_000, 500),
+                lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100), eval_iters=(50, 10),
+                ckpt_interval=(1000, 250))
+
+
+def load_algo(name):
+    if name not in ALGOS:
+        raise SystemExit(f"unknown algorithm '{name}': choose one of {', '.join(ALGOS)}")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise SystemExit(f"algorithm '{name}' is not implemented yet ({name}.py is missing)") from None
+        raise
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = lambda k: f'(default: {DEFAULTS[k][0]} on GPU, {DEFAULTS[k][1]} on CPU)'
+    g = p.add_argument_group('run')
+    g.add_argument('--algo', default='ar', help=f"{' | '.join(ALGOS)} (default: ar)")
+    g.add_argument('--size', default='6M', help=f"model size: {', '.join(SIZES)} (default: 6M)")
+    g.add_argument('--dataset', default='shakespeare', help='prepared on first use, see data.py (default: shakespeare)')
+    g.add_argument('--tokenizer', default='gpt2', help='gpt2 | byte | a tiktoken encoding (default: gpt2)')
+    g.add_argument('--out-dir', default=None, help='default: out/<algo>-<size>')
+    g.add_argument('--seed', type=int, default=1337)
+    g.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'], default=None,
+                   help="continue from out_dir/ckpt.pt; 'auto': only if it holds this run (default: off)")
+    g.add_argument('--init-from', default=None, help="start a new run from a checkpoint's weights")
+    g.add_argument('--dry-run', action='store_true', help='print the plan and exit')
+    g = p.add_argument_group('optimization')
+    g.add_argument('--batch-size', type=int, default=None, help=f'global batch in sequences {d("batch_size")}')
+    g.add_argument('--micro-batch-size', type=int, default=None, help=f'sequences per rank per micro-step {d("micro_batch_size")}')
+    g.add_argument('--block-size', type=int, default=None, help=f'context length {d("block_size")}')
+    g.add_argument('--max-iters', type=int, default=None, help=f'optimizer steps {d("max_iters")}')
+    g.add_argument('--flops', type=float, default=None, help='training FLOPs budget; sets the steps (GUIDE §7)')
+    g.add_argument('--lr', type=float, default=None, help=f'peak learning rate {d("lr")}')
+    g.add_argument('--min-lr', type=float, default=None, help=f'cosine floor {d("min_lr")}')
+    g.add_argument('--warmup-iters', type=int, default=None, help='default: max(1%% of steps, 100), at most 20%%')
+    g.add_argument('--weight-decay', type=float, default=0.1)
+    g.add_argument('--beta1', type=float, default=0.9)
+    g.add_argument('--beta2', type=float, default=0.95)
+    g.add_argument('--grad-clip', type=float, default=1.0)
+    g.add_argument('--ema', type=float, default=0.0, help='EMA decay of the weights, e.g. 0.9999 (default: off)')
+    g.add_argument('--dropout', type=float, default=0.0)
+    g.add_argument('--ssl-ratio', type=float, default=0.0, help='probability of cutting a batch to a random length')
+    g = p.add_argument_group('evaluation and logging')
+    g.add_argument('--eval-interval', type=int, default=None, help=d('eval_interval'))
+    g.add_argument('--eval-iters', type=int, default=None, help=f'micro-batches per rank {d("eval_iters")}')
+    g.add_argument('--log-interval', type=int, default=10)
+    g.add_argument('--ckpt-interval', type=int, default=None, help=d('ckpt_interval'))
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
+    g.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
+                   help='torch.compile the network (default: on with CUDA)')
+    for name in ALGOS:  # each method's own flags
+        with contextlib.suppress(SystemExit):
+            load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+    return p
+
+
+def parse_args(argv=None):
+    args = get_parser().parse_args(argv)
+    on_gpu = args.device.startswith('cuda')
+    for k, (gpu, cpu) in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, gpu if on_gpu else cpu)
+    args.out_dir = args.out_dir or os.path.join('out', f'{args.algo}-{args.size}')
+    return args
+
+
+def seed_for(*keys):
+    """A 63-bit seed from any keys: randomness is a function of (seed, step, slice),
+    so resuming, or splitting a batch over ranks or micro-steps, changes nothing."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), 'little') >> 1
+
+
+def get_lr(step, args):
+    warmup = args.warmup_iters if args.warmup_iters is not None else \
+        min(max(args.max_iters // 100, 100), args.max_iters // 5)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, args.max_iters - warmup))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def peak_flops(device, dtype):
+    """Peak matmul FLOP/s for MFU: the datasheet on known GPUs, else measured."""
+    if torch.device(device).type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, peak in (('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40', 181e12)):
+            if key in name and dtype != torch.float32:
+                return peak
+    n = 2048 if torch.device(device).type == 'cuda' else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ a
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def save_checkpoint(path, ckpt):
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path, algo=None):
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at '{path}'")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)  # plain tensors only: runs no code
+    if algo is not None and ckpt['algo'] != algo:
+        raise SystemExit(f"'{path}' is a checkpoint of --algo {ckpt['algo']}, not {algo}: "
+                         f"pass --algo {ckpt['algo']} or another checkpoint")
+    return ckpt
+
+
+SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')
+
+
+class Trainer:
+    """Holds what the loop needs; each method is a plain function below."""
+
+    def __init__(self, args):
+        self.args = a = args
+        self.algo = load_algo(a.algo)
+        if a.size not in SIZES:
+            raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
+        self.ddp = 'RANK' in os.environ
+        if self.ddp:
+            dist.init_process_group('nccl' if a.device.startswith('cuda') else 'gloo')
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if a.device.startswith('cuda'):
+                a.device = f"cuda:{os.environ['LOCAL_RANK']}"
+                torch.cuda.set_device(a.device)
+        else:
+            self.rank, self.world = 0, 1
+        self.master = self.rank == 0
+        if a.batch_size % (self.world * a.micro_batch_size):
+            raise SystemExit(f'--batch-size {a.batch_size} is not divisible by {self.world} ranks x '
+                             f'--micro-batch-size {a.micro_batch_size}: change one of them')
+        self.accum = a.batch_size // (self.world * a.micro_batch_size)
+        self.device_type = torch.device(a.device).type
+        self.dtype = getattr(torch, a.dtype)
+        self.autocast = contextlib.nullcontext() if self.dtype == torch.float32 else \
+            torch.autocast(self.device_type, dtype=self.dtype)
+
+    # -- plan ---------------------------------------------------------------
+    def plan(self, vocab):
+        a = self.args
+        self.cfg = get_config(a.size, self.algo.vocab_size(vocab), dropout=a.dropout)
+        self.flops_per_seq = flops_per_token(self.cfg, a.block_size) * a.block_size
+        if a.flops:  # GUIDE §7: steps = budget / (3 x forward FLOPs per sequence x global batch)
+            a.max_iters = max(1, int(a.flops / (3 * self.flops_per_seq * a.batch_size)))
+        with torch.device('meta'):
+            m = DiT(self.cfg)
+        return {'algo': a.algo, 'size': a.size, 'params': m.num_params(),
+                'params_non_embedding': m.num_params(embeddings=False),
+                'flops_per_token': flops_per_token(self.cfg, a.block_size),
+                'flops_per_token_with_attention': flops_per_token(self.cfg, a.block_size, attention=True),
+                'global_batch_sequences': a.batch_size, 'global_batch_tokens': a.batch_size * a.block_size,
+                'ranks': self.world, 'micro_batch_per_rank': a.micro_batch_size,
+                'micro_steps_per_rank': self.accum, 'steps': a.max_iters,
+                'total_tokens': a.max_iters * a.batch_size * a.block_size,
+                'total_flops': 3 * self.flops_per_seq * a.batch_size * a.max_iters}
+
+    # -- data ---------------------------------------------------------------
+    def setup_data(self):
+        a = self.args
+        if self.master:
+            self.data_dir = data.prepare(a.dataset, a.tokenizer)
+        if self.ddp:
+            dist.barrier()
+        self.data_dir = data.dataset_dir(a.dataset, a.tokenizer)
+        self.meta = data.load_meta(self.data_dir)
+        for split in ('train', 'val'):
+            if data.num_tokens(self.data_dir, split) <= a.block_size:
+                raise SystemExit(f'the {split} split of {a.dataset} has fewer tokens than --block-size '
+                                 f'{a.block_size}: lower --block-size or use more data')
+        a.vocab_size = self.meta['vocab_size']  # K real tokens, what the methods read
+
+    def batch(self, split, key, slice_id, n_slices):
+        """Rows [slice_id] of a global batch drawn from seed (key): tokens and the
+        antithetic uniforms u_i = (u + i) / n over the whole batch (GUIDE §1)."""
+        a, mb = self.args, self.args.micro_batch_size
+        n = mb * n_slices
+        g = torch.Generator().manual_seed(seed_for(a.seed, split, key))
+        starts = torch.randint(data.num_tokens(self.data_dir, split) - a.block_size, (n,), generator=g)
+        u = (torch.rand(1, generator=g) + torch.arange(n)) / n
+        rows = slice(slice_id * mb, (slice_id + 1) * mb)
+        x = data.get_batch(self.data_dir, split, starts[rows], a.block_size, a.device)
+        if split == 'train' and torch.rand(1, generator=g).item() < a.ssl_ratio:  # variable length
+            x = x[:, :int(torch.randint(2, a.block_size + 1, (1,), generator=g))]
+        return x, u[rows].to(a.device)
+
+    # -- model, optimizer, checkpoints --------------------------------------
+    def setup_model(self):
+        a = self.args
+        self.raw = DiT(self.cfg).to(a.device)
+        decay = [p for p in self.raw.parameters() if p.dim() >= 2]      # matrices and embeddings
+        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]   # gains and biases
+        self.opt = torch.optim.AdamW([{'params': decay, 'weight_decay': a.weight_decay},
+                                      {'params': no_decay, 'weight_decay': 0.0}],
+                                     lr=a.lr, betas=(a.beta1, a.beta2), eps=1e-8,
+                                     fused=self.device_type == 'cuda')
+        self.step, self.best_val, self.resumed = 0, float('inf'), False
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False) if a.ema else None
+        self.ckpt_path = os.path.join(a.out_dir, 'ckpt.pt')
+        self.load()
+        self.model = torch.compile(self.raw) if a.compile else self.raw
+        if self.ddp:  # compile first, then wrap (as nanoGPT)
+            self.model = DDP(self.model, device_ids=[torch.device(a.device).index] if self.device_type == 'cuda' else None)
+        self.state = {}  # per-run state a method may keep (Duo's teacher)
+
+    def load(self):
+        a = self.args
+        exists = os.path.exists(self.ckpt_path)
+        if a.resume == 'yes' or (a.resume == 'auto' and exists):
+            ckpt = load_checkpoint(self.ckpt_path, a.algo)
+            if a.resume == 'auto':
+                differ = [k for k in SAME_RUN if ckpt['args'].get(k) != getattr(a, k)]
+                if differ:
+                    raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): "
+                                     f"use another --out-dir")
+            self.raw.load_state_dict(ckpt['model'])
+            self.opt.load_state_dict(ckpt['optimizer'])
+            if self.ema is not None and ckpt.get('ema') is not None:
+                self.ema.load_state_dict(ckpt['ema'])
+            self.step, self.best_val = ckpt['step'], ckpt['best_val_loss']
+            self.resumed = True
+            self.log(f'resumed from {self.ckpt_path} at step {self.step}')
+            return
+        init = a.init_from or getattr(a, 'distill_from', None)
+        if init:  # weights only: fresh optimizer and schedule
+            ckpt = load_checkpoint(init, a.algo)
+            if ckpt['config'] != asdict(self.cfg):
+                raise SystemExit(f"{init} has another network ({ckpt['config']}): pass its --size and --tokenizer")
+            self.raw.load_state_dict(ckpt['ema'] if ckpt.get('ema') else ckpt['model'])
+            if self.ema is not None:
+                self.ema.load_state_dict(self.raw.state_dict())
+            self.log(f'initialised from {init} (step {ckpt["step"]})')
+
+    def save(self):
+        if not self.master:
+            return
+        save_checkpoint(self.ckpt_path, {
+            'model': self.raw.state_dict(), 'optimizer': self.opt.state_dict(),
+            'ema': self.ema.state_dict() if self.ema is not None else None,
+            'step': self.step, 'args': vars(self.args), 'algo': self.args.algo, 'config': asdict(self.cfg),
+            'meta': self.meta, 'best_val_loss': self.best_val})
+        self.last_ckpt_step = self.step
+
+    # -- logging ------------------------------------------------------------
+    def log(self, msg=None, **record):
+        if not self.master:
+            return
+        if msg:
+            print(msg, flush=True)
+        if record:
+            with open(os.path.join(self.args.out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    # -- evaluation ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Validation NLL (AR) or NELBO (diffusion) per token, over all ranks."""
+        a = self.args
+        model = self.ema if self.ema is not None else self.model
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=a.device)
+        for i in range(a.eval_iters):
+            x, u = self.batch('val', i, self.rank, self.world)
+            torch.manual_seed(seed_for(a.seed, 'val-noise', i, self.rank))
+            with self.autocast:
+                nll, tokens = self.algo.eval_nll(model, x, u, a)
+            total += torch.tensor([nll.double().sum().item(), nll.numel() * tokens], device=a.device)
+        if self.ddp:
+            dist.all_reduce(total)
+        model.train()
+        return (total[0] / total[1]).item()
+
+    # -- the loop -----------------------------------------------------------
+    def train(self):
+        a = self.args
+        from tqdm import tqdm
+        tokens_per_step = a.batch_size * a.block_size
+        mfu_flops = 3 * flops_per_token(self.cfg, a.block_size, attention=True) * tokens_per_step
+        peak = peak_flops(a.device, self.dtype) * self.world
+        bar = tqdm(total=a.max_iters, initial=self.step, disable=None if self.master else True, unit='step')
+        self.last_ckpt_step, tokens_per_s, mfu = self.step, 0.0, 0.0
+        bound = '' if self.algo.EXACT else '<= '
+        while True:
+            if self.step % a.eval_interval == 0 or self.step == a.max_iters:
+                val = self.evaluate()
+                self.best_val = min(self.best_val, val)
+                self.log(f'step {self.step}: val loss {val:.4f}, val ppl {bound}{math.exp(min(val, 50)):.2f}',
+                         step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50)),
+                         tokens=self.step * tokens_per_step)
+            if self.step == a.max_iters:
+                break
+            lr = get_lr(self.step, a)
+            for group in self.opt.param_groups:
+                group['lr'] = lr
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=a.device)
+            for micro in range(self.accum):
+                slice_id = micro * self.world + self.rank
+                x, u = self.batch('train', self.step, slice_id, self.accum * self.world)
+                torch.manual_seed(seed_for(a.seed, 'train-noise', self.step, slice_id))
+                if self.ddp:  # sync gradients on the last micro-step only
+                    self.model.require_backward_grad_sync = micro == self.accum - 1
+                with self.autocast:
+                    loss = self.algo.train_loss(self.model, x, u, a, self.step, self.state)
+                (loss / self.accum).backward()
+                loss_sum += loss.detach()
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), a.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.raw.parameters()), 1 - a.ema)
+            train_loss = loss_sum.item() / self.accum
+            if not math.isfinite(train_loss):
+                raise SystemExit(f'non-finite loss at step {self.step}: stopping; the last good checkpoint is '
+                                 f'{self.ckpt_path} (step {self.last_ckpt_step})')
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tokens_per_s, mfu = tokens_per_step / dt, mfu_flops / dt / peak
+            bar.update(1)
+            bar.set_postfix(loss=f'{train_loss:.3f}', tok_s=f'{tokens_per_s:.0f}', mfu=f'{mfu:.1%}')
+            if self.step % a.log_interval == 0 or self.step == a.max_iters:
+                if self.ddp:
+                    mean = torch.tensor([loss_sum.item() / self.accum], device=a.device)
+                    dist.all_reduce(mean)
+                    train_loss = mean.item() / self.world
+                self.log(None if bar.disable is False else
+                         f'step {self.step}: loss {train_loss:.4f}, lr {lr:.2e}, {tokens_per_s:.0f} tok/s, mfu {mfu:.1%}',
+                         step=self.step, train_loss=train_loss, lr=lr, tokens=self.step * tokens_per_step,
+                         tok_per_s=tokens_per_s, mfu=mfu)
+            if self.step % a.ckpt_interval == 0:
+                self.save()
+        bar.close()
+        self.save()
+        self.log(f'done: {self.step} steps, best val loss {self.best_val:.4f}; checkpoint {self.ckpt_path}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    vocab = data.get_tokenizer(args.tokenizer).vocab_size
+    plan = trainer.plan(vocab)
+    if args.dry_run:
+        if trainer.master:
+            for k, v in plan.items():
+                print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    trainer.setup_data()
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    trainer.setup_model()
+    if trainer.master and not trainer.resumed and os.path.exists(os.path.join(args.out_dir, 'log.jsonl')):
+        os.remove(os.path.join(args.out_dir, 'log.jsonl'))  # a fresh run starts a fresh log
+    trainer.log(' | '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}' for k, v in plan.items()))
+    trainer.train()
+    if trainer.ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
