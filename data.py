@@ -150,7 +150,6 @@ def hub_documents(path, args, **kw):
 
 def dataset_dir(name, tokenizer):
     base = os.path.basename(os.path.normpath(name)) if os.path.exists(os.path.expanduser(name)) else name
-    base = re.sub(r'\.(txt|jsonl|json|parquet)$', '', base)
     return os.path.join(DATA_DIR, f"{re.sub(r'[^A-Za-z0-9._-]+', '_', base)}-{tokenizer}")
 
 
@@ -210,6 +209,11 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         write('val' if counts['val_docs'] == 0 else held[0], held[1])
         if counts['train_docs'] == 0:
             raise SystemExit(f"dataset '{name}' has a single document: the split needs at least two")
+    except BaseException:
+        for f in files.values():  # leave nothing half-written behind
+            f.close()
+            os.unlink(f.name)
+        raise
     finally:
         if pool:
             pool.terminate()

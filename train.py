@@ -136,6 +136,12 @@ def peak_flops(device, dtype):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def compile_model(model):
+    # keep select= (the masked positions MDLM computes logits at) inside one graph
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model)
+
+
 def save_checkpoint(path, ckpt):
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
@@ -244,7 +250,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.raw).requires_grad_(False) if a.ema else None
         self.ckpt_path = os.path.join(a.out_dir, 'ckpt.pt')
         self.load()
-        self.model = torch.compile(self.raw) if a.compile else self.raw
+        self.model = compile_model(self.raw) if a.compile else self.raw
         if self.ddp:  # compile first, then wrap (as nanoGPT)
             self.model = DDP(self.model, device_ids=[torch.device(a.device).index] if self.device_type == 'cuda' else None)
         self.state = {}  # per-run state a method may keep (Duo's teacher)
