@@ -25,7 +25,7 @@ def get_parser():
     p.add_argument('--num-samples', type=int, default=4)
     p.add_argument('--length', type=int, default=None, help='tokens per sample (default: the training context)')
     p.add_argument('--prompt', default='', help='text every sample continues')
-    p.add_argument('--steps', type=int, default=None, help='denoising steps T of diffusion samplers (default: length)')
+    p.add_argument('--steps', type=int, default=None, help='denoising steps T of diffusion samplers (default: length, at most the context)')
     p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling (1.0 = off)')
     p.add_argument('--temperature', type=float, default=1.0, help='AR only')
     p.add_argument('--seed', type=int, default=0)
@@ -64,7 +64,7 @@ def main(argv=None):
     algo = load_algo(ckpt['algo'])
     args.vocab_size, args.block_size = ckpt['meta']['vocab_size'], ckpt['args']['block_size']
     args.length = args.length or args.block_size
-    args.steps = args.steps or args.length
+    args.steps = args.steps or min(args.length, args.block_size)  # diffusion steps per window
     tok = data.get_tokenizer(ckpt['meta']['tokenizer'])
     prompt = torch.tensor([tok.eot] + tok.encode(args.prompt), device=args.device)
     if len(prompt) >= args.length:
@@ -75,7 +75,10 @@ def main(argv=None):
         torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype))
     t0 = time.perf_counter()
     with autocast:
-        tokens, nfe = algo.sample(model, args, args.num_samples, args.length, prompt, device=args.device)
+        try:
+            tokens, nfe = algo.sample(model, args, args.num_samples, args.length, prompt, device=args.device)
+        except ValueError as e:  # a sampler refusing its options: one line, no traceback
+            raise SystemExit(str(e)) from None
     if args.device.startswith('cuda'):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -1,0 +1,270 @@
+"""Eso-LM: masked diffusion and autoregression in one causal network (GUIDE §6).
+
+Sahoo et al., "Esoteric Language Models" (arXiv 2506.01928), variant (B).
+A sequence is generated in two phases. First masked diffusion, from the
+all-[MASK] sequence at t = 1 down to t = 0, with the schedule
+alpha_t = alpha_0 (1 - (1 - eps) t): it reveals about a fraction alpha_0 of
+the tokens, at random positions, several per step. Then an autoregressive
+phase fills the rest left to right, one per step. alpha_0 = 1 is MDLM-like,
+alpha_0 = 0 is AR.
+
+The trick that makes both phases causal, so that both decode with a KV cache:
+every sequence is processed in a *sorted order*, clean tokens first and masked
+tokens after, each token keeping its own rotary position. Under causal
+attention over that order a masked token sees every clean token and no other
+masked token's identity (what an MDLM denoiser sees), and a token, once
+decided, never changes, so its keys and values are computed once. The sampler
+simply decides the sorted sequence left to right, a block of tokens per step.
+
+The NELBO splits at t = 0, where z_0 ~ q(z_0 | x) still has a fraction
+1 - alpha_0 of the tokens masked:
+  -log p(x) <= E_t [-alpha'_t / (1 - alpha_t) sum_{l masked in z_t} -log x_theta(x_l | z_t)]  diffusion
+             + E_z0 [sum_{l masked in z_0} -log x_theta(x_l | z_0, x before l)]              sequential
+The diffusion term is MDLM's NELBO with a schedule that stops at alpha_0
+instead of 1, computed causally over [clean (random order), masked (random
+order)]. The sequential term uses the order [clean (random), masked (left to
+right)] and one pass over the input [z_0, x] of length 2L with the attention
+mask of GUIDE §6, so that every masked z_0 token sees the clean tokens and the
+true tokens before it, all at once (teacher forcing). Training gives a
+fraction --batch-split of the batch the diffusion loss and the rest the
+sequential one. The network never sees the time (--time-cond is refused): a
+cached key must stay valid at every later step.
+
+Same four functions as ar.py, mdlm.py and duo.py:
+  vocab_size(K)                     K real tokens + [MASK] (id K)
+  train_loss(model, x, u, args, step, state) -> scalar, mean per token
+  eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
+  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+"""
+import math
+
+import torch
+
+from mdlm import loss_weight, mask_tokens, masked_cross_entropy, schedule
+from model import KVCache, sample_categorical, top_p_filter
+
+EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
+EPS = 1e-3     # the same eps as MDLM (mdlm.schedule uses it)
+
+
+def add_args(parser):  # a parser or argument group; --loss (and --time-cond) belong to mdlm.py
+    parser.add_argument('--alpha0', type=float, default=1.0, help='fraction of tokens made by diffusion: '
+                        '1 = MDLM-like, 0 = AR (default: 1); may differ at sampling')
+    parser.add_argument('--batch-split', type=float, default=1.0, help='fraction of each batch trained with '
+                        'the diffusion loss, the rest with the sequential one (default: 1)')
+    parser.add_argument('--iw-orders', type=int, default=0, help='validate with an importance-weighted bound '
+                        'over this many random orders (default: 0 = the NELBO)')
+
+
+def vocab_size(K):
+    return K + 1  # ids 0..K-1 are tokens, K is [MASK]
+
+
+def check_args(args, training=False):
+    a0, split = getattr(args, 'alpha0', 1.0), getattr(args, 'batch_split', 1.0)
+    if not 0 <= a0 <= 1:
+        raise ValueError(f'--alpha0 must be in [0, 1], got {a0}')
+    if getattr(args, 'time_cond', False):
+        raise ValueError("Eso-LM's network sees no time (decided tokens keep their cached keys): "
+                         'drop --time-cond')
+    if getattr(args, 'iw_orders', 0) < 0:
+        raise ValueError(f'--iw-orders must be >= 0, got {args.iw_orders}')
+    if not training:
+        return
+    if not 0 <= split <= 1:
+        raise ValueError(f'--batch-split must be in [0, 1], got {split}')
+    if a0 == 1 and split < 1:
+        raise ValueError('--alpha0 1 has no sequential part to train: use --batch-split 1')
+    if a0 == 0 and split > 0:
+        raise ValueError('--alpha0 0 has no diffusion part to train: use --batch-split 0')
+    if 0 < a0 < 1 and split in (0, 1):
+        raise ValueError(f'--alpha0 {a0} trains both parts: use 0 < --batch-split < 1 (e.g. 0.5)')
+
+
+# ----------------------------------------------------------------------------
+# the sorted order
+
+def sort_order(masked, masked_left_to_right=False):
+    """Indices (B, L) that put each row's clean positions first and its masked
+    positions after, each group in random order (sort key [masked] + U), or
+    the masked ones left to right (the sequential loss and phase)."""
+    key = torch.rand(masked.shape, device=masked.device)  # in [0, 1): groups never mix
+    if masked_left_to_right:
+        key = torch.where(masked, torch.arange(masked.shape[1], device=masked.device) / masked.shape[1], key)
+    return (masked + key).argsort(dim=1)
+
+
+def sequential_mask(L, device):
+    """Attention mask (2L, 2L), True = may attend, for the input [z_0, x] (both
+    sorted): a z_0 query i sees itself and the x keys j < i; an x query i sees
+    the x keys j <= i; x never sees z_0 (GUIDE §6)."""
+    i = torch.arange(L, device=device)
+    z_rows = torch.cat([i[:, None] == i, i[:, None] > i], 1)
+    x_rows = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), i[:, None] >= i], 1)
+    return torch.cat([z_rows, x_rows], 0)
+
+
+# ----------------------------------------------------------------------------
+# loss
+
+def token_nll(logits, x_sorted, masked_sorted, K):
+    """Sum per row of -log x_theta at the masked (selected) positions: (B,)."""
+    nll = masked_cross_entropy(logits, x_sorted[masked_sorted], K)  # SUBS: [MASK] logit -inf
+    per_token = torch.zeros(masked_sorted.shape, dtype=nll.dtype, device=nll.device)
+    return per_token.masked_scatter(masked_sorted, nll).sum(1)      # carry-over: clean ones cost 0
+
+
+def diffusion_nll(model, x, masked, K):
+    """sum_{l masked} -log x_theta(x_l | z_t) (B,), computed causally over the
+    order [clean (random), masked (random)] with rotary positions gathered by it."""
+    order = sort_order(masked)
+    x_s, m_s = x.gather(1, order), masked.gather(1, order)
+    z_s = x_s.masked_fill(m_s, K)                            # z_t, sorted
+    logits = model(z_s, causal=True, positions=order, select=m_s)
+    return token_nll(logits, x_s, m_s, K)
+
+
+def sequential_nll(model, x, masked, order, K):
+    """sum_{l masked} -log x_theta(x_l | clean tokens, the masked ones before l in
+    `order`) (B,): one pass over [z_0, x] (length 2L, positions duplicated)."""
+    L = x.shape[1]
+    x_s, m_s = x.gather(1, order), masked.gather(1, order)
+    z_s = x_s.masked_fill(m_s, K)                            # z_0, sorted
+    select = torch.cat([m_s, torch.zeros_like(m_s)], 1)      # loss only at masked z_0 positions
+    logits = model(torch.cat([z_s, x_s], 1), mask=sequential_mask(L, x.device),
+                   positions=torch.cat([order, order], 1), select=select)
+    return token_nll(logits, x_s, m_s, K)
+
+
+def diffusion_term(model, x, u, args, elbo):
+    """One-sample estimate of the diffusion part of the NELBO per sequence (B,);
+    with elbo=False and --loss low_var, the weight is 1 (training only)."""
+    t = EPS + (1 - EPS) * u                                  # u: stratified uniforms (GUIDE §1)
+    alpha_t, dalpha_t = schedule(t, args.alpha0)             # alpha_0 (1 - (1 - eps) t)
+    _, masked = mask_tokens(x, alpha_t, args.vocab_size)     # z_t ~ q(z_t | x)
+    nll = diffusion_nll(model, x, masked, args.vocab_size)
+    return loss_weight(alpha_t, dalpha_t, args, elbo) * nll  # -alpha'_t / (1 - alpha_t), or 1
+
+
+def sequential_term(model, x, args):
+    """One-sample estimate of the sequential part of the NELBO per sequence (B,)."""
+    alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
+    _, masked = mask_tokens(x, alpha_0, args.vocab_size)     # z_0 ~ q(z_0 | x)
+    return sequential_nll(model, x, masked, sort_order(masked, masked_left_to_right=True), args.vocab_size)
+
+
+def train_loss(model, x, u, args, step, state):
+    """Diffusion loss on the first --batch-split of the rows, sequential loss on
+    the rest; the total is the sum of their means per token (GUIDE §6)."""
+    check_args(args, training=True)
+    B, L = x.shape
+    n = round(args.batch_split * B)
+    if (0 < args.alpha0 < 1) and not 0 < n < B:
+        raise ValueError(f'--batch-split {args.batch_split} of a {B}-row micro-batch leaves one loss without '
+                         'rows: use a larger --micro-batch-size or a split nearer 0.5')
+    loss = 0.0
+    if n > 0:  # u ascends over the micro-batch: give the diffusion rows an evenly spread subset of it
+        spread = torch.arange(n, device=u.device) * B // n
+        loss = loss + diffusion_term(model, x[:n], u[spread], args, elbo=False).sum() / (n * L)
+    if n < B:
+        loss = loss + sequential_term(model, x[n:], args).sum() / ((B - n) * L)
+    return loss
+
+
+# ----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def iw_nll(model, x, args):
+    """Importance-weighted bound -log (1/N sum_n p_theta(x | order_n)) over N
+    random generation orders: a diffusion subset (each token w.p. (alpha_0 -
+    alpha_1) / (1 - alpha_1)) in random order, then the rest left to right.
+    Revealing one token per step, the sampler's model is the mixture
+    p_theta(x) = E_order p_theta(x | order), each factor computed exactly like
+    the sequential loss with everything masked; the bound tightens as N grows
+    (Burda et al. 2016)."""
+    a_0, a_1 = args.alpha0, args.alpha0 * EPS
+    everything = torch.ones_like(x, dtype=torch.bool)
+    logp = []
+    for _ in range(args.iw_orders):
+        late = torch.rand(x.shape, device=x.device) >= (a_0 - a_1) / (1 - a_1)  # left to the sequential phase
+        order = sort_order(late, masked_left_to_right=True)
+        logp.append(-sequential_nll(model, x, everything, order, args.vocab_size))
+    return math.log(args.iw_orders) - torch.stack(logp, 1).logsumexp(1)
+
+
+@torch.no_grad()
+def eval_nll(model, x, u, args):
+    """Monte Carlo NELBO per sequence (always the true weight), or the
+    importance-weighted bound with --iw-orders N > 0."""
+    check_args(args)
+    if getattr(args, 'iw_orders', 0) > 0:
+        return iw_nll(model, x, args), x.shape[1]
+    nll = 0
+    if args.alpha0 > 0:   # alpha_0 = 0: alpha' = 0, no diffusion term
+        nll = nll + diffusion_term(model, x, u, args, elbo=True)
+    if args.alpha0 < 1:   # alpha_0 = 1: z_0 = x, no sequential term
+        nll = nll + sequential_term(model, x, args)
+    return nll, x.shape[1]
+
+
+# ----------------------------------------------------------------------------
+# sampling
+
+def unmask_counts(n_masked, steps, alpha0):
+    """The diffusion phase's schedule, t = 1 -> 0 in `steps` steps: how many tokens
+    each step that reveals any reveals, and how many are left masked at t = 0 for
+    the sequential phase. The reverse process reveals Binomial(remaining,
+    (alpha_s - alpha_t) / (1 - alpha_t)) tokens per step; jointly, each masked
+    token independently falls in step (t -> s) w.p. (alpha_s - alpha_t) / (1 - alpha_1)
+    or is never revealed w.p. (1 - alpha_0) / (1 - alpha_1), one multinomial draw.
+    The counts are shared by the whole batch (rows reveal in lockstep; each row
+    still follows the reverse process exactly)."""
+    if n_masked == 0:
+        return [], 0
+    alpha = schedule(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha0)[0]
+    p = torch.cat([alpha.diff(), 1 - alpha[-1:]]) / (1 - alpha[0])   # each step, then never
+    counts = torch.multinomial(p, n_masked, replacement=True).bincount(minlength=steps + 1).tolist()
+    return [k for k in counts[:-1] if k > 0], counts[-1]  # a step that reveals nothing costs nothing
+
+
+@torch.no_grad()
+def sample(model, args, n, length, prompt=None, device='cpu'):
+    """n sequences of `length` tokens, continuing prompt (n, P) if given. The whole
+    generation order is drawn up front: the prompt, then the diffusion tokens
+    (random positions), then the sequential ones (left to right); step i decides
+    the next counts[i] tokens of it. With args.cache each step runs the network
+    only on the tokens decided last step (committed to the cache) and the masked
+    ones being decided now; without it, on the whole sorted prefix."""
+    K, top_p = args.vocab_size, getattr(args, 'top_p', 1.0)
+    cache = KVCache(length) if getattr(args, 'cache', True) else None
+    dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32
+    check_args(args)
+    P = 0 if prompt is None else prompt.shape[1]
+    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != n or P > length):
+        raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
+
+    counts, left = unmask_counts(length - P, getattr(args, 'steps', length), getattr(args, 'alpha0', 1.0))
+    counts += [1] * left                                     # sequential phase: one token per step
+    D = length - P - left                                    # tokens made by diffusion
+    rest = torch.rand(n, length - P, device=device).argsort(1) + P
+    order = torch.cat([torch.arange(P, device=device).expand(n, P),
+                       rest[:, :D], rest[:, D:].sort(1).values], 1)
+    z = torch.full((n, length), K, dtype=torch.long, device=device)  # in sorted order
+    if P:
+        z[:, :P] = prompt
+    done, cached, nfe = P, 0, 0   # tokens decided (a sorted prefix); tokens in the KV cache
+    for k in counts:
+        start = cached if cache is not None else 0
+        select = torch.zeros(n, done + k - start, dtype=torch.bool, device=device)
+        select[:, -k:] = True                                # logits only for the tokens decided now
+        logits = model(z[:, start:done + k], causal=True, positions=order[:, start:done + k],
+                       cache=cache, select=select)
+        nfe += 1
+        if cache is not None:
+            cache.truncate(done)                             # keep decided tokens, drop the masks
+            cached = done
+        probs = logits[:, :K].to(dtype).softmax(-1)          # zero masking: no [MASK], no padding
+        z[:, done:done + k] = sample_categorical(top_p_filter(probs, top_p)).view(n, k)
+        done += k
+    return torch.empty_like(z).scatter_(1, order, z), nfe    # back to left-to-right positions
