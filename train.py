@@ -62,7 +62,7 @@ def get_parser():
     g.add_argument('--dry-run', action='store_true', help='print the plan and exit')
     g = p.add_argument_group('optimization')
     g.add_argument('--batch-size', type=int, default=None, help=f'global batch in sequences {d("batch_size")}')
-    g.add_argument('--micro-batch-size', type=int, default=None, help=f'sequences per rank per micro-step {d("micro_batch_size")}')
+    g.add_argument('--micro-batch-size', type=int, default=None, help=f'sequences per rank per micro-step, at most batch/ranks {d("micro_batch_size")}')
     g.add_argument('--block-size', type=int, default=None, help=f'context length {d("block_size")}')
     g.add_argument('--max-iters', type=int, default=None, help=f'optimizer steps {d("max_iters")}')
     g.add_argument('--flops', type=float, default=None, help='training FLOPs budget; sets the steps (GUIDE §7)')
@@ -179,6 +179,7 @@ class Trainer:
         else:
             self.rank, self.world = 0, 1
         self.master = self.rank == 0
+        a.micro_batch_size = min(a.micro_batch_size, max(1, a.batch_size // self.world))
         if a.batch_size % (self.world * a.micro_batch_size):
             raise SystemExit(f'--batch-size {a.batch_size} is not divisible by {self.world} ranks x '
                              f'--micro-batch-size {a.micro_batch_size}: change one of them')
@@ -353,7 +354,10 @@ class Trainer:
                 if self.ddp:  # sync gradients on the last micro-step only
                     self.model.require_backward_grad_sync = micro == self.accum - 1
                 with self.autocast:
-                    loss = self.algo.train_loss(self.model, x, u, a, self.step, self.state)
+                    try:
+                        loss = self.algo.train_loss(self.model, x, u, a, self.step, self.state)
+                    except ValueError as e:  # a method refusing its options: one clear line
+                        raise SystemExit(f'--algo {a.algo}: {e}') from None
                 (loss / self.accum).backward()
                 loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), a.grad_clip)

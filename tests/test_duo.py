@@ -1,0 +1,363 @@
+"""Duo against exact answers: the closed-form loss against the reverse-rate ELBO
+written from the process definition, the Bayes-optimal denoiser of an
+enumerable toy (NELBO = entropy, sampler -> data), the Gaussian transformation
+operator against closed forms and Monte Carlo, and the distillation mechanics."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import duo
+from model import DiT, get_config
+from toy import entropy, toy_distribution, total_variation
+
+K, L = 3, 3
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():  # tiny tensors: extra threads only contend on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
+    """Exact x_theta of the toy under the uniform-state process at alpha = exp(-sigma):
+    leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);
+    else the full posterior p(x_l | z), which also conditions on z_l.
+    The first clean_prefix positions are known clean (a prompt)."""
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+        a = torch.exp(-sigma.double())[:, None, None]
+        q = a * (seqs[None] == z[:, None]) + (1 - a) / K                 # (B, N, L): q(z_l | x_l)
+        q[..., :clean_prefix] = (seqs[None] == z[:, None])[..., :clean_prefix].double()
+        logq = q.log()
+        out = torch.zeros(z.shape[0], L, K, dtype=torch.float64)
+        for l in range(L):
+            w = probs * torch.exp(logq.sum(-1) - (logq[..., l] if leave_one_out else 0))
+            out[:, l].scatter_add_(1, seqs[:, l].expand(z.shape[0], -1), w)
+        return (out / out.sum(-1, keepdim=True)).log()
+    return model
+
+
+def args_for(**kw):
+    base = dict(vocab_size=K, steps=16, top_p=1.0, float64=True, greedy_tail=False, cache=False,
+                curriculum_steps=0, tau=1e-3, gamma_min=None, gamma_max=None, distill_from=None,
+                teacher_every=10, distill_T=512)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def random_dit(vocab, seed=0):
+    torch.manual_seed(seed)
+    model = DiT(get_config('tiny', vocab))
+    for p in model.parameters():  # leave the zero init so the output depends on the input
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+# ----------------------------------------------------------------------------
+# the closed-form loss
+
+def test_closed_form_equals_reverse_rate_elbo():
+    """Uniform-state chain: forward rate y -> z is beta/K (beta = -alpha'/alpha), so
+    q_t(. | x) = alpha e_x + (1 - alpha)/K. Reverse rate z -> y: R(y -> z) q_t(y)/q_t(z),
+    with x (true) or x_theta plugged into q_t (model). The ELBO integrand is the
+    generalized KL sum_{y != z} R_theta - R_x log R_theta + R_x log R_x - R_x."""
+    g = torch.Generator().manual_seed(0)
+    K5, N = 5, 400
+    logits = torch.randn(N, K5, generator=g, dtype=torch.float64) * 2
+    x = torch.randint(0, K5, (N,), generator=g)
+    z = torch.where(torch.rand(N, generator=g) < 0.5, x, torch.randint(0, K5, (N,), generator=g))
+    t = torch.rand(N, generator=g, dtype=torch.float64)
+    a, da = duo.schedule(t)
+    # the rates generate the marginals: d/dt q_t = q_t Q_t
+    h = 1e-6
+    marg = lambda v, a: a[:, None] * v + (1 - a[:, None]) / K5
+    onehot = F.one_hot(x, K5).double()
+    beta = -da / a
+    Q = beta[:, None, None] / K5 * (torch.ones(K5, K5, dtype=torch.float64) - K5 * torch.eye(K5, dtype=torch.float64))
+    dq = (marg(onehot, duo.schedule(t + h)[0]) - marg(onehot, duo.schedule(t - h)[0])) / (2 * h)
+    assert torch.allclose(dq, (marg(onehot, a)[:, None] @ Q)[:, 0], atol=1e-8)
+    rate = lambda m: beta[:, None] / K5 * m / m.gather(1, z[:, None])  # reverse rates z -> y
+    R_x, R_theta = rate(marg(onehot, a)), rate(marg(logits.softmax(-1), a))
+    off = F.one_hot(z, K5) == 0
+    brute = ((R_theta - R_x * R_theta.log() + R_x * R_x.log() - R_x) * off).sum(1)
+    closed = duo.nelbo_per_token(logits, x, z, a, da, K5)
+    assert torch.allclose(closed, brute, rtol=1e-10, atol=1e-12)
+    assert (closed >= 0).all()
+
+
+def test_closed_form_is_safe_in_float32_at_gpt2_vocab():
+    g = torch.Generator().manual_seed(0)
+    Kg, V, N = 50257, 50304, 16
+    logits = torch.randn(N, V, generator=g) * 3
+    logits[:, Kg:] = float('-inf')  # padded columns, as the network returns them
+    x = torch.randint(0, Kg, (N,), generator=g)
+    logits[torch.arange(N // 2), x[:N // 2]] += 20  # some confident predictions
+    z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kg, (N,), generator=g))
+    for alpha in [1e-6, 1e-3, 0.5, 0.999, 1 - 1e-6]:
+        a, da = torch.full((N,), alpha), torch.full((N,), -(1 - duo.EPS))
+        f32 = duo.nelbo_per_token(logits, x, z, a, da, Kg)
+        f64 = duo.nelbo_per_token(logits.double(), x, z, a.double(), da.double(), Kg)
+        assert torch.isfinite(f32).all() and f32.dtype == torch.float32
+        assert torch.allclose(f32.double(), f64, rtol=1e-5, atol=0.1), alpha
+        assert (f64 >= 0).all()
+
+
+# ----------------------------------------------------------------------------
+# exact toy: the ELBO optimum is the leave-one-out posterior
+
+def expected_integrand(model, seqs, probs, t):
+    """E_{x, z_t} [ sum_l loss ] at time t, by enumeration of all (x, z_t) pairs."""
+    N = len(seqs)
+    x, z = seqs.repeat_interleave(N, 0), seqs.repeat(N, 1)
+    a, da = duo.schedule(torch.tensor(t, dtype=torch.float64))
+    q_zx = torch.where(z == x, a + (1 - a) / K, (1 - a) / K).prod(1)
+    logits = model(z, sigma=torch.full((len(z),), -math.log(a), dtype=torch.float64))
+    n = len(z) * L
+    loss = duo.nelbo_per_token(logits.flatten(0, 1), x.flatten(), z.flatten(),
+                               a.expand(n), da.expand(n), K).view(-1, L).sum(1)
+    return (probs.repeat_interleave(N) * q_zx * loss).sum().item()
+
+
+def exact_nelbo(model, seqs, probs, t_min=0.0):
+    """Gauss-Legendre on geometric panels over [t_min, 1] (the integrand grows like
+    log(1/t) at 0), plus the prior term."""
+    nodes, weights = np.polynomial.legendre.leggauss(12)
+    edges = [t_min] + list(np.geomspace(max(t_min, 1e-7), 1, 12))
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        for node, w in zip(nodes, weights):
+            total += (hi - lo) / 2 * w * expected_integrand(model, seqs, probs, lo + (hi - lo) * (node + 1) / 2)
+    return total + L * duo.prior_kl(K)
+
+
+def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
+    seqs, probs = toy_distribution(K, L, seed=0)
+    H = entropy(probs)
+    exact = exact_nelbo(noisy_oracle(seqs, probs), seqs, probs)
+    assert abs(exact - H) / H < 1e-5  # tight: the reverse process is exact
+    # training's times [eps, 1] drop a log(1/t)-growing piece near t = 0: a bit below H
+    truncated = exact_nelbo(noisy_oracle(seqs, probs), seqs, probs, t_min=duo.EPS)
+    assert -0.006 < (truncated - H) / H < -0.003
+    # the full posterior (conditions on z_l too) is not the optimum: +49%
+    full = exact_nelbo(noisy_oracle(seqs, probs, leave_one_out=False), seqs, probs)
+    assert 0.45 < (full - H) / H < 0.53
+    # eval_nll's Monte Carlo estimate is unbiased for the exact value
+    torch.manual_seed(0)
+    S = 30000
+    x = seqs[torch.multinomial(probs, S, replacement=True)]
+    u = (torch.rand(1) + torch.arange(S)) / S
+    seen = []
+    oracle = noisy_oracle(seqs, probs)
+    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma), x, u, args_for())
+    assert n == L
+    assert abs(nll.mean().item() - exact) < 4 * nll.std().item() / math.sqrt(S)
+    # ... with times over all of (0, 1] (t = 1 - u), not training's [eps, 1]
+    alpha = duo.schedule(1 - u.double())[0]
+    assert torch.allclose(seen[0].double(), -alpha.log(), rtol=1e-4, atol=1e-7) and seen[0].min() < 1e-4
+
+
+def sampler_law(model, seqs, T):
+    """The exact law of the T-step sampler (no sampling noise): propagate the
+    distribution over all K^L states through the product-form transition kernel."""
+    N = len(seqs)
+    law = torch.full((N,), 1 / N, dtype=torch.float64)  # uniform prior
+    ts = torch.linspace(1, 0, T + 1, dtype=torch.float64)
+    for t, s in zip(ts[:-1], ts[1:]):
+        a_t, a_s = duo.schedule(t)[0].item(), duo.schedule(s)[0].item()
+        p = model(seqs, sigma=torch.full((N,), -math.log(a_t), dtype=torch.float64)).exp()
+        q = duo.posterior(p, seqs, a_t, a_s, K)  # (N, L, K)
+        M = torch.ones(N, N, dtype=torch.float64)
+        for l in range(L):
+            M = M * q[:, l][:, seqs[:, l]]
+        law = law @ M
+    return law
+
+
+def test_sampler_of_the_leave_one_out_posterior_converges_to_the_data():
+    seqs, probs = toy_distribution(K, L, seed=0)
+    tv = lambda law: 0.5 * (law - probs).abs().sum().item()
+    good = [tv(sampler_law(noisy_oracle(seqs, probs), seqs, T)) for T in (16, 128, 1024)]
+    assert good[0] < 0.035 and good[1] < 0.005 and good[2] < 0.0007   # shrinking like 1/T
+    assert good[0] > 5 * good[1] > 25 * good[2]
+    bad = [tv(sampler_law(noisy_oracle(seqs, probs, leave_one_out=False), seqs, T)) for T in (16, 128, 1024)]
+    assert min(bad) > 0.2  # the full posterior stays wrong however many steps
+    # sample() draws from that law
+    torch.manual_seed(0)
+    samples, nfe = duo.sample(noisy_oracle(seqs, probs), args_for(steps=16), 20000, L)
+    assert nfe == 16
+    law = sampler_law(noisy_oracle(seqs, probs), seqs, 16)
+    assert total_variation(samples, seqs, law) < 0.025  # sampling noise ~0.015
+
+
+def test_prompt_is_kept_and_the_rest_is_conditional():
+    seqs, probs = toy_distribution(K, L, seed=3)
+    torch.manual_seed(0)
+    S = 10000
+    first = seqs[torch.multinomial(probs, S, replacement=True), :1]  # x_1 from its marginal
+    samples, nfe = duo.sample(noisy_oracle(seqs, probs, clean_prefix=1), args_for(steps=16), S, L, prompt=first)
+    assert torch.equal(samples[:, :1], first) and nfe == 16
+    # measured 0.020; an oracle blind to the clean prompt gives 0.11, overwriting x_1
+    # of unconditional samples 0.34
+    assert total_variation(samples, seqs, probs) < 0.05
+
+
+def test_greedy_tail_top_p_and_nfe():
+    pattern = torch.arange(6) % K  # x_theta at position l: 0.6 on l mod K, 0.25 and 0.15 on the others
+
+    def model(z, sigma=None, **kw):
+        p = torch.empty(z.shape[0], z.shape[1], K, dtype=torch.float64)
+        for shift, mass in enumerate((0.6, 0.25, 0.15)):
+            p[:, torch.arange(z.shape[1]), (pattern[:z.shape[1]] + shift) % K] = mass
+        return p.log()
+
+    torch.manual_seed(0)
+    out, nfe = duo.sample(model, args_for(steps=4, greedy_tail=True), 500, 6)
+    assert nfe == 4 and (out == pattern).all()  # the last step is argmax x_theta
+    out, _ = duo.sample(model, args_for(steps=4), 500, 6)
+    assert not (out == pattern).all()
+    # one step from t = 1 to 0: q(z_0) is x_theta up to 0.3%; the nucleus 0.7 keeps 0.6 and 0.25
+    out, nfe = duo.sample(model, args_for(steps=1, top_p=0.7), 4000, 6)
+    assert nfe == 1
+    assert ((out - pattern) % K != 2).all()
+    assert 0.68 < (out == pattern).double().mean().item() < 0.73  # 0.6 / 0.85 = 0.706
+    with pytest.raises(ValueError):
+        duo.sample(model, args_for(steps=0), 2, 6)
+
+
+# ----------------------------------------------------------------------------
+# the Gaussian dual: alpha = T(atilde)
+
+def test_transformation_operator():
+    gammas = torch.linspace(-8, 6, 301, dtype=torch.float64)
+    m = torch.exp(-gammas / 2)  # atilde / sqrt(1 - atilde^2)
+    # K = 2: P(m + e1 > e2) = Phi(m / sqrt 2), so alpha = 2 Phi(m/sqrt 2) - 1 = erf(m / 2)
+    alpha2, dalpha2 = duo.gaussian_to_uniform(gammas, 2)
+    assert torch.allclose(alpha2, torch.erf(m / 2), atol=1e-6)
+    assert torch.allclose(dalpha2, torch.exp(-m ** 2 / 4) / math.sqrt(math.pi) * (-m / 2), atol=1e-6)
+    for Kt in (5, 50257):
+        alpha, dalpha = duo.gaussian_to_uniform(gammas, Kt)
+        assert (alpha.diff() <= 0).all() and (dalpha <= 1e-12).all()  # monotone in gamma (= in atilde)
+        ends, _ = duo.gaussian_to_uniform(torch.tensor([float('inf'), float('-inf')]), Kt)  # atilde = 0, 1
+        assert abs(ends[0].item()) < 1e-12 and abs(ends[1].item() - 1) < 1e-12
+        fd = (duo.gaussian_to_uniform(gammas + 1e-4, Kt)[0] - duo.gaussian_to_uniform(gammas - 1e-4, Kt)[0]) / 2e-4
+        assert torch.allclose(dalpha, fd, atol=1e-3)
+    # K = 5: Monte Carlo P(argmax w = x) = alpha + (1 - alpha)/K, the other tokens uniform
+    torch.manual_seed(0)
+    S, K5 = 200000, 5
+    for gamma in (-3.0, -0.5, 1.0):
+        g = torch.full((S // 100,), gamma)
+        x = torch.randint(0, K5, (S // 100, 100))
+        zt = duo.gaussian_latent(x, g, torch.randn(S // 100, 100, K5)).argmax(-1)
+        hit = (zt == x).double().mean().item()
+        alpha = duo.gaussian_to_uniform(torch.tensor([gamma], dtype=torch.float64), K5)[0].item()
+        assert abs(hit - (alpha + (1 - alpha) / K5)) < 4 * math.sqrt(hit * (1 - hit) / S)
+        miss = (zt - x)[zt != x] % K5  # offsets 1..K-1 equally likely
+        counts = torch.bincount(miss, minlength=K5)[1:].double()
+        n = counts.sum()
+        assert ((counts / n - 1 / (K5 - 1)).abs() < 4 * math.sqrt(3 / 16 / n)).all()
+
+
+def test_transformation_table_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(duo, '__file__', str(tmp_path / 'duo.py'))
+    monkeypatch.setattr(duo, '_TABLES', {})
+    first, _ = duo.gaussian_to_uniform(torch.tensor([-1.0, 0.0]), 7)
+    assert (tmp_path / 'cache' / 'duo_dto_K7.pt').exists()
+    monkeypatch.setattr(duo, '_TABLES', {})
+    monkeypatch.setattr(duo, 'dto_table', lambda *a, **k: pytest.fail('recomputed instead of read'))
+    again, _ = duo.gaussian_to_uniform(torch.tensor([-1.0, 0.0]), 7)
+    assert torch.equal(first, again)
+
+
+# ----------------------------------------------------------------------------
+# curriculum and distillation on a tiny network
+
+class Recorder(torch.nn.Module):
+    """Wraps a DiT and records every input; copies (the teacher) record too."""
+    calls = []
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, sigma=None, **kw):
+        Recorder.calls.append((x.detach().clone(), sigma.detach().clone(), torch.is_grad_enabled(), id(self)))
+        return self.net(x, sigma=sigma, **kw)
+
+
+def test_curriculum_feeds_soft_latents_then_switches_to_the_elbo():
+    V = 20
+    model = Recorder(random_dit(V))
+    args = args_for(vocab_size=V, curriculum_steps=5, tau=0.1)
+    x = torch.randint(0, V, (4, 8))
+    u = (torch.rand(1) + torch.arange(4)) / 4
+    Recorder.calls.clear()
+    loss = duo.train_loss(model, x, u, args, 4, {})
+    loss.backward()
+    soft, sigma, _, _ = Recorder.calls[-1]
+    assert soft.shape == (4, 8, V) and soft.dtype.is_floating_point and torch.isfinite(loss)
+    assert torch.allclose(soft.sum(-1), torch.ones(4, 8))
+    # sigma = -log T(atilde) with gamma linear in t over [-3.55, -1.85]
+    gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u)
+    assert torch.allclose(sigma.double(), -duo.gaussian_to_uniform(gamma.double(), V)[0].log(), atol=1e-5)
+    duo.train_loss(model, x, u, args, 5, {})  # step N: the plain discrete ELBO on token ids
+    assert Recorder.calls[-1][0].dtype == torch.long
+    duo.eval_nll(model, x, u, args)
+    assert Recorder.calls[-1][0].dtype == torch.long
+
+
+def test_distillation_schedule():
+    assert [duo.distill_round(s, 3) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert [duo.distill_dt(s, 3, 512) for s in (0, 2, 3, 6, 9)] == [1 / 512, 1 / 512, 2 / 512, 4 / 512, 8 / 512]
+    assert duo.distill_dt(100, 3, 512) == 1.0  # capped
+    with pytest.raises(ValueError):
+        duo.distill_round(5, 0)
+
+
+def test_distillation_mechanics():
+    V, every = 12, 3
+    torch.manual_seed(1)
+    net = DiT(get_config('tiny', V))
+    torch.nn.init.normal_(net.out.weight, std=0.2)  # not the zero init: outputs depend on the input
+    model = Recorder(net)
+    args = args_for(vocab_size=V, distill_from='ckpt.pt', teacher_every=every, distill_T=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (16, 16), generator=g)
+    u = (torch.rand(1, generator=g) + torch.arange(16)) / 16
+    state, losses = {}, []
+    for step in range(2 * every):
+        Recorder.calls.clear()
+        torch.manual_seed(step // every)  # the same noise within a round: the loss is a function of the weights
+        loss = duo.train_loss(model, x, u, args, step, state)
+        teacher_weights = [p.clone() for p in state['teacher'].parameters()]
+        if step % every == 0:  # refreshed exactly now: the teacher is the current student
+            assert all(torch.equal(a, b) for a, b in zip(teacher_weights, net.parameters()))
+        else:                  # and frozen in between
+            assert all(torch.equal(a, b) for a, b in zip(teacher_weights, previous))
+        previous = teacher_weights
+        assert all(not p.requires_grad for p in state['teacher'].parameters())
+        # the student sees z_t, the teacher z_s (no grad), argmax of one trajectory:
+        # the clean coordinate's lead only grows from t to s, the others' noise is shared,
+        # so z_s is z_t or x, and z_t = x implies z_s = x
+        (z_s, sig_s, grad_s, _), (z_t, sig_t, grad_t, _) = Recorder.calls
+        assert not grad_s and grad_t and (sig_s < sig_t).all()
+        assert ((z_s == z_t) | (z_s == x)).all() and (z_s[z_t == x] == x[z_t == x]).all()
+        assert (z_s != z_t).any() and (z_t != x).any()
+        # s = t - dt, dt = 2^round / T
+        dt = duo.distill_dt(step, every, args.distill_T)
+        t = (duo.EPS + (1 - duo.EPS) * u + dt).clamp(max=1)
+        for sig, time in ((sig_t, t), (sig_s, t - dt)):
+            alpha = duo.gaussian_to_uniform((-4 + 3 * time).double(), V)[0]
+            assert torch.allclose(sig.double(), -alpha.log(), atol=1e-5)
+        assert torch.isfinite(loss) and loss.item() >= 0
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for r in range(2):  # falls within each round
+        assert losses[r * every] > losses[r * every + 1] > losses[r * every + 2]
