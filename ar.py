@@ -53,9 +53,14 @@ def sample(model, args, n, length, prompt=None, device='cpu'):
     cache = KVCache(length) if getattr(args, 'cache', True) else None
     new = x  # tokens the network has not seen yet
     while x.shape[1] < length:
-        logits = model(new, causal=True, cache=cache) if cache is not None else model(x, causal=True)
+        if cache is not None:  # the new tokens only; the cache holds the rest
+            logits = model(new, causal=True, cache=cache)[:, -1]
+        else:                  # the whole prefix again (output layer at the last position only)
+            last = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+            last[:, -1] = True
+            logits = model(x, causal=True, select=last)
         nfe += 1
-        tok = next_token(logits[:, -1], args)[:, None]
+        tok = next_token(logits, args)[:, None]
         x = torch.cat([x, tok], dim=1)
         new = tok
     return x, nfe

@@ -20,7 +20,7 @@ def oracle(seqs, probs):
             padded = torch.cat([x, torch.zeros(B, L - n, dtype=torch.long)], 1)
             known = torch.arange(L) <= l
             out[:, l] = conditionals(seqs, probs, padded, known.expand(B, L), K)[:, l + 1]
-        return out.log()
+        return out.log() if select is None else out.log()[select]
     return model
 
 
