@@ -88,6 +88,7 @@ def train_seconds(model, opt, algo, args, x, u, autocast):
 
 def sample_once(model, algo, args, autocast, cache):
     args.cache = cache
+    args.block_size = max(args.block_size, args.sample_length)  # one window: no semi-AR strides
     torch.manual_seed(0)
     prompt = torch.zeros(args.num_samples, 1, dtype=torch.long, device=args.device)  # one start token
     with autocast, torch.no_grad():

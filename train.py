@@ -30,7 +30,7 @@ from model import DiT, Config, SIZES, flops_per_token, get_config, unwrap
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
 # (GPU: the seed's recipe, CPU: a ~10 minute run of the 6M model)
-DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256), max_iters=(100_000, 500),
+DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256), max_iters=(100_000, 400),
                 lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100), eval_iters=(50, 10),
                 ckpt_interval=(1000, 250))
 
