@@ -1,0 +1,337 @@
+"""Iso-FLOP scaling laws: which model size is compute-optimal, for each method.
+
+    python scaling.py --algos ar,mdlm,duo,esolm --sizes 6M,19M,34M --flops 1e18,3e18,1e19
+    python scaling.py ... --print-commands      # one train.py command per pending run, for a cluster
+    python scaling.py ... --tokenizer byte --block-size 64 --batch-size 8   # unknown flags go to train.py
+
+The method of Chinchilla (Hoffmann et al. 2022, "approach 2"), as the seed
+uses it. For every FLOPs budget C, train every size N with exactly that
+compute (train.py --flops sets the steps, so the tokens are D = C / 6N) and
+record the final validation loss: an iso-FLOP curve. Too small a model
+underfits; too large a one sees too few tokens; in between, loss against
+log N is close to a parabola,
+
+    L(N; C) ~ L*(C) + h (log N - log N*(C))^2,
+
+whose vertex gives the compute-optimal size N*(C) and loss L*(C). Across
+budgets they follow power laws, fitted as straight lines in log-log:
+
+    N*(C) = k C^a,   L*(C) = c C^b,   (and D*(C) = C / 6 N*(C) ~ C^(1-a)).
+
+N is what C = 6 N D counts: the parameters a token passes through, i.e. the
+forward FLOPs per token / 2 of model.flops_per_token (every block matrix,
+the output layer and the adaLN modulation amortised over the sequence; not
+the input embedding, a lookup). For AR the loss is the exact NLL; for the
+diffusion methods it is their NELBO, an upper bound, so their curves are
+bounds too.
+
+Each run lives in OUT_DIR/<algo>-<size>-<C>/. A run counts as done when its
+checkpoint has reached its last step and its log holds the final validation
+loss, so rerunning the same command resumes a partly done grid (an
+interrupted run continues from its checkpoint: --resume auto). Writes
+OUT_DIR/runs.csv (one row per run), OUT_DIR/optima.csv (per method and
+budget), OUT_DIR/scaling.md (the table) and OUT_DIR/scaling.png (needs the
+optional matplotlib).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import DiT, Config, flops_per_token
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --size must not pass for --sizes: it belongs to train.py
+    p.add_argument('--algos', default='ar,mdlm,duo,esolm', help='comma-separated methods')
+    p.add_argument('--sizes', required=True, help='comma-separated model sizes (model.SIZES), at least 3')
+    p.add_argument('--flops', required=True, help='comma-separated training FLOPs budgets, e.g. 1e18,3e18')
+    p.add_argument('--out-dir', default=os.path.join('out', 'scaling'))
+    p.add_argument('--print-commands', action='store_true', help='print the train.py command of every pending run and exit')
+    p.add_argument('--fit-only', action='store_true', help='run nothing: fit and plot the runs that are done')
+    p.add_argument('--no-plot', action='store_true', help='skip the figure')
+    return p
+
+
+def parse_list(text, kind, flag):
+    try:
+        items = [kind(s) for s in text.split(',') if s.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: cannot read '{text}': give a comma-separated list, e.g. {flag} 1e18,3e18") from None
+    if not items:
+        raise SystemExit(f'{flag} is empty: give a comma-separated list')
+    return items
+
+
+def budget_str(flops):
+    short = re.sub(r'e\+?0*(?=\d)', 'e', f'{flops:g}')  # 3e+18 -> 3e18, 1e+09 -> 1e9
+    return short if float(short) == flops else repr(flops)
+
+
+def run_dir(out_dir, algo, size, flops):
+    return os.path.join(out_dir, f'{algo}-{size}-{budget_str(flops)}')
+
+
+def train_argv(algo, size, flops, out_dir, extra):
+    return ['--algo', algo, '--size', size, '--flops', budget_str(flops), '--out-dir', out_dir, '--resume', 'auto', *extra]
+
+
+# ----------------------------------------------------------------------------
+# running the grid and collecting its results
+
+def read_result(path):
+    """The finished run in folder `path` as a dict (a row of runs.csv), or None
+    if it has not reached its last step with a final validation loss."""
+    ckpt_path, log_path = os.path.join(path, 'ckpt.pt'), os.path.join(path, 'log.jsonl')
+    if not (os.path.exists(ckpt_path) and os.path.exists(log_path)):
+        return None
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    a, step = ckpt['args'], ckpt['step']
+    with open(log_path) as f:
+        val = [r['val_loss'] for r in map(json.loads, f) if r.get('step') == step and 'val_loss' in r]
+    if step < a['max_iters'] or not val:
+        return None
+    cfg = Config(**ckpt['config'])
+    fpt = flops_per_token(cfg, a['block_size'])
+    tokens = step * a['batch_size'] * a['block_size']
+    with torch.device('meta'):
+        net = DiT(cfg)
+    return dict(algo=ckpt['algo'], size=a['size'], flops_budget=a['flops'], params=fpt / 2,
+                params_total=net.num_params(), params_non_embedding=net.num_params(embeddings=False),
+                tokens=tokens, steps=step,
+                flops_used=3 * fpt * tokens, val_loss=val[-1], run_dir=path)
+
+
+def run_train(argv, log_file):
+    """One training run in a fresh process (a crash or leak stays in it)."""
+    with open(log_file, 'a') as f:
+        return subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *argv], stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+
+
+def run_grid(args, extra):
+    """Train every (algo, size, budget) not done yet, one after another."""
+    grid = [(a, s, c) for c in args.flops for a in args.algos for s in args.sizes]
+    pending = [g for g in grid if read_result(run_dir(args.out_dir, *g)) is None]
+    if args.print_commands:
+        for g in pending:
+            print(shlex.join(['python', 'train.py', *train_argv(*g, run_dir(args.out_dir, *g), extra)]))
+        return
+    print(f'{len(grid) - len(pending)} of {len(grid)} runs done; running {len(pending)}', flush=True)
+    for i, (algo, size, flops) in enumerate(pending):
+        d = run_dir(args.out_dir, algo, size, flops)
+        os.makedirs(d, exist_ok=True)
+        t0 = time.perf_counter()
+        rc = run_train(train_argv(algo, size, flops, d, extra), os.path.join(d, 'train.out'))
+        if rc != 0 or read_result(d) is None:
+            raise SystemExit(f'run {d} failed (exit code {rc}): see {os.path.join(d, "train.out")}; '
+                             f'rerun this command to retry it and continue the grid')
+        r = read_result(d)
+        print(f'[{i + 1}/{len(pending)}] {algo} {size} C={flops:.3g}: val loss {r["val_loss"]:.4f} '
+              f'({r["steps"]} steps, {time.perf_counter() - t0:.0f} s)', flush=True)
+
+
+def collect(args):
+    rows = []
+    for c in args.flops:
+        for a in args.algos:
+            for s in args.sizes:
+                r = read_result(run_dir(args.out_dir, a, s, c))
+                if r is not None:
+                    rows.append(r)
+    return rows
+
+
+def write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------
+# the fits
+
+def fit_parabola(log_n, loss):
+    """Least-squares L = p2 x^2 + p1 x + p0 in x = log N; returns the vertex
+    (log N*, L*), or None when there are fewer than 3 sizes or the curve has
+    no minimum (p2 <= 0: the optimum lies beyond the sizes tried)."""
+    if len(set(log_n)) < 3:
+        return None
+    p2, p1, p0 = np.polyfit(log_n, loss, 2)
+    if p2 <= 0:
+        return None
+    x = -p1 / (2 * p2)
+    return x, p0 - p1 ** 2 / (4 * p2)
+
+
+def fit_power_law(c, y):
+    """y = k C^e as a line in log-log: returns (e, k)."""
+    e, log_k = np.polyfit(np.log(c), np.log(y), 1)
+    return float(e), float(math.exp(log_k))
+
+
+def fit(rows):
+    """Per method: the vertex of every budget's iso-FLOP parabola, then the
+    power laws N* = k C^a and L* = c C^b through the vertices that lie within
+    the sizes trained at their budget (None with fewer than 2 of those). A
+    vertex outside them is an extrapolation of three noisy points, not a
+    measurement: the grid must bracket the optimum (Chinchilla's rule)."""
+    out = {}
+    for algo in dict.fromkeys(r['algo'] for r in rows):
+        optima = []
+        for c in sorted({r['flops_budget'] for r in rows if r['algo'] == algo}):
+            runs = [r for r in rows if r['algo'] == algo and r['flops_budget'] == c]
+            log_n = np.log([r['params'] for r in runs])
+            vertex = fit_parabola(log_n, [r['val_loss'] for r in runs])
+            if vertex is None:
+                continue
+            n_opt = math.exp(vertex[0])
+            optima.append(dict(algo=algo, flops=c, n_opt=n_opt, d_opt=c / (6 * n_opt), l_opt=vertex[1],
+                               inside=bool(log_n.min() <= vertex[0] <= log_n.max()),
+                               below=bool(vertex[0] < log_n.min())))
+        bracketed = [o for o in optima if o['inside']]
+        laws = None
+        if len(bracketed) >= 2:
+            cs = [o['flops'] for o in bracketed]
+            (a, k), (b, c0) = fit_power_law(cs, [o['n_opt'] for o in bracketed]), \
+                fit_power_law(cs, [o['l_opt'] for o in bracketed])
+            laws = dict(a=a, k=k, b=b, c=c0)
+        out[algo] = dict(optima=optima, laws=laws, fitted=len(bracketed))
+    return out
+
+
+def table(fits, rows):
+    """The results as markdown: optima per budget, then the power laws."""
+    lines = ['| method | budget C | N* (params) | D* (tokens) | L* (val loss) | best run (size: loss) |',
+             '|---|---|---|---|---|---|']
+    for algo, f in fits.items():
+        bound = '' if algo == 'ar' else '<= '
+        for c in sorted({r['flops_budget'] for r in rows if r['algo'] == algo}):
+            runs = [r for r in rows if r['algo'] == algo and r['flops_budget'] == c]
+            best = min(runs, key=lambda r: r['val_loss'])
+            o = next((o for o in f['optima'] if o['flops'] == c), None)
+            if o is None:
+                cells = ['no minimum in the sizes tried', '', '']
+            elif not o['inside']:
+                cells = [('below' if o['below'] else 'above') + ' the sizes tried', '', '']
+            else:
+                cells = [f"{o['n_opt']:.3g}", f"{o['d_opt']:.3g}", f"{bound}{o['l_opt']:.4f}"]
+            lines.append(f"| {algo} | {c:.3g} | {' | '.join(cells)} | {best['size']}: {bound}{best['val_loss']:.4f} |")
+    lines += ['', '| method | N* = k C^a | L* = c C^b | budgets fitted |', '|---|---|---|---|']
+    for algo, f in fits.items():
+        law = f['laws']
+        cells = ['needs optima inside the sizes at 2 budgets', ''] if law is None else \
+            [f"a = {law['a']:.3f} (k = {law['k']:.3g})", f"b = {law['b']:.4f} (c = {law['c']:.3g})"]
+        lines.append(f"| {algo} | {' | '.join(cells)} | {f['fitted']} |")
+    lines += ['', 'N: the parameters a token passes through (forward FLOPs per token / 2), so C = 6 N D. '
+              'AR losses are exact NLL per token; the others are NELBO upper bounds (<=). N*, L*: the vertex of '
+              'the parabola fitted to loss against log N at that budget, reported (and fitted) only when it lies '
+              'within the sizes trained; "below/above the sizes tried": the grid does not bracket the optimum.']
+    return '\n'.join(lines)
+
+
+def plot(fits, rows, path):
+    """Iso-FLOP curves with their parabolas (one panel per method) and the
+    frontier N*(C), L*(C) of every method. Returns the path, or None with a
+    one-line message when matplotlib is missing (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('scaling.py: no figure: matplotlib is not installed (pip install matplotlib); '
+              'the tables and CSV files are written', file=sys.stderr)
+        return None
+    algos = list(fits)
+    n_rows = math.ceil((len(algos) + 2) / 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(13, 3.8 * n_rows), squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[len(algos):-2]:
+        ax.axis('off')
+    budgets = sorted({r['flops_budget'] for r in rows})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
+    for ax, algo in zip(axes, algos):
+        for c, color in zip(budgets, colors):
+            runs = sorted((r for r in rows if r['algo'] == algo and r['flops_budget'] == c), key=lambda r: r['params'])
+            if not runs:
+                continue
+            n = np.array([r['params'] for r in runs])
+            ax.plot(n, [r['val_loss'] for r in runs], 'o', color=color, label=f'C={c:.2g}')
+            if len(n) >= 3:
+                x = np.linspace(np.log(n).min() - 0.3, np.log(n).max() + 0.3, 100)
+                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(n), [r['val_loss'] for r in runs], 2), x), '-', color=color, lw=1)
+            o = next((o for o in fits[algo]['optima'] if o['flops'] == c and o['inside']), None)
+            if o is not None:
+                ax.plot(o['n_opt'], o['l_opt'], '*', color=color, ms=12, mec='k')
+        ax.set(xscale='log', xlabel='parameters N', ylabel='val loss' + ('' if algo == 'ar' else ' (NELBO bound)'),
+               title=f'{algo}: iso-FLOP curves')
+        ax.legend(fontsize=7)
+    for algo in algos:
+        opt = [o for o in fits[algo]['optima'] if o['inside']]
+        if opt:
+            cs = np.array([o['flops'] for o in opt])
+            law = fits[algo]['laws']
+            line, = axes[-2].plot(cs, [o['n_opt'] for o in opt], 'o', label=algo + (f", a={law['a']:.2f}" if law else ''))
+            axes[-1].plot(cs, [o['l_opt'] for o in opt], 'o', color=line.get_color(),
+                          label=algo + (f", b={law['b']:.3f}" if law else ''))
+            if law is not None:
+                axes[-2].plot(cs, law['k'] * cs ** law['a'], '-', color=line.get_color())
+                axes[-1].plot(cs, law['c'] * cs ** law['b'], '-', color=line.get_color())
+    axes[-2].set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel='N*(C)', title='compute-optimal size')
+    axes[-1].set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel='L*(C)', title='compute-optimal loss')
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    for ax in axes[-2:]:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: budgets' minor labels collide
+        ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g'))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter('%.3g'))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args, extra = get_parser().parse_known_args(argv)
+    args.algos = parse_list(args.algos, str, '--algos')
+    args.sizes = parse_list(args.sizes, str, '--sizes')
+    args.flops = parse_list(args.flops, float, '--flops')
+    if any(e.split('=')[0] in ('--algo', '--size', '--max-iters') for e in extra):
+        raise SystemExit('scaling.py sets --algo, --size and the steps of each run: pass --algos, --sizes and --flops')
+    if not args.fit_only:
+        run_grid(args, extra)
+        if args.print_commands:
+            return None
+    rows = collect(args)
+    if not rows:
+        raise SystemExit(f'no finished runs in {args.out_dir}: run the grid first (without --fit-only)')
+    os.makedirs(args.out_dir, exist_ok=True)
+    fits = fit(rows)
+    write_csv(os.path.join(args.out_dir, 'runs.csv'), rows)
+    optima = [o for f in fits.values() for o in f['optima']]
+    if optima:
+        write_csv(os.path.join(args.out_dir, 'optima.csv'), optima)
+    text = table(fits, rows)
+    with open(os.path.join(args.out_dir, 'scaling.md'), 'w') as f:
+        f.write(text + '\n')
+    print(text)
+    figure = None if args.no_plot else plot(fits, rows, os.path.join(args.out_dir, 'scaling.png'))
+    print(f"wrote {os.path.join(args.out_dir, 'runs.csv')}, scaling.md" + (f', {figure}' if figure else ''))
+    return fits
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
