@@ -239,11 +239,11 @@ def load_meta(data_dir):
 # ----------------------------------------------------------------------------
 # batches
 
-def get_batch(data_dir, split, starts, block_size, device):
-    """Windows of block_size tokens starting at `starts` (a LongTensor), as (B, L) int64."""
-    meta = load_meta(data_dir)
+def get_batch(data_dir, split, starts, block_size, device, dtype):
+    """Windows of block_size tokens starting at `starts` (a LongTensor), as (B, L) int64;
+    dtype: the token files' (meta.json's 'dtype')."""
     # a fresh memmap per batch avoids numpy's memmap leak (as nanoGPT does)
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=dtype, mode='r')
     x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts.tolist()]).astype(np.int64))
     if torch.device(device).type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import DiT, Config, SIZES, flops_per_token, get_config, unwrap
+from model import DiT, SIZES, flops_per_token, get_config
 
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
@@ -217,8 +217,9 @@ class Trainer:
             dist.barrier()
         self.data_dir = data.dataset_dir(a.dataset, a.tokenizer)
         self.meta = data.load_meta(self.data_dir)
+        self.n_tokens = {split: data.num_tokens(self.data_dir, split) for split in ('train', 'val')}
         for split in ('train', 'val'):
-            if data.num_tokens(self.data_dir, split) <= a.block_size:
+            if self.n_tokens[split] <= a.block_size:
                 raise SystemExit(f'the {split} split of {a.dataset} has fewer tokens than --block-size '
                                  f'{a.block_size}: lower --block-size or use more data')
         a.vocab_size = self.meta['vocab_size']  # K real tokens, what the methods read
@@ -229,10 +230,10 @@ class Trainer:
         a, mb = self.args, self.args.micro_batch_size
         n = mb * n_slices
         g = torch.Generator().manual_seed(seed_for(a.seed, split, key))
-        starts = torch.randint(data.num_tokens(self.data_dir, split) - a.block_size, (n,), generator=g)
+        starts = torch.randint(self.n_tokens[split] - a.block_size, (n,), generator=g)
         u = (torch.rand(1, generator=g) + torch.arange(n)) / n
         rows = slice(slice_id * mb, (slice_id + 1) * mb)
-        x = data.get_batch(self.data_dir, split, starts[rows], a.block_size, a.device)
+        x = data.get_batch(self.data_dir, split, starts[rows], a.block_size, a.device, self.meta['dtype'])
         if split == 'train' and torch.rand(1, generator=g).item() < a.ssl_ratio:  # variable length
             x = x[:, :int(torch.randint(2, a.block_size + 1, (1,), generator=g))]
         return x, u[rows].to(a.device)
