@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from mdlm import loss_weight, mask_tokens, masked_cross_entropy, schedule
+from mdlm import loss_weight, mask_tokens, masked_cross_entropy, masked_subset, schedule
 from model import KVCache, sample_categorical, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
@@ -136,14 +136,14 @@ def sequential_nll(model, x, masked, order, K):
     return token_nll(logits, x_s, m_s, K)
 
 
-def diffusion_term(model, x, u, args, elbo):
-    """One-sample estimate of the diffusion part of the NELBO per sequence (B,);
-    with elbo=False and --loss low_var, the weight is 1 (training only)."""
+def diffusion_term(model, x, u, args):
+    """Training: one-sample estimate of the diffusion part of the NELBO per sequence
+    (B,); with --loss low_var the weight is 1."""
     t = EPS + (1 - EPS) * u                                  # u: stratified uniforms (GUIDE §1)
     alpha_t, dalpha_t = schedule(t, args.alpha0)             # alpha_0 (1 - (1 - eps) t)
     _, masked = mask_tokens(x, alpha_t, args.vocab_size)     # z_t ~ q(z_t | x)
     nll = diffusion_nll(model, x, masked, args.vocab_size)
-    return loss_weight(alpha_t, dalpha_t, args, elbo) * nll  # -alpha'_t / (1 - alpha_t), or 1
+    return loss_weight(alpha_t, dalpha_t, args) * nll        # -alpha'_t / (1 - alpha_t), or 1
 
 
 def sequential_term(model, x, args):
@@ -165,7 +165,7 @@ def train_loss(model, x, u, args, step, state):
     loss = 0.0
     if n > 0:  # u ascends over the micro-batch: give the diffusion rows an evenly spread subset of it
         spread = torch.arange(n, device=u.device) * B // n
-        loss = loss + diffusion_term(model, x[:n], u[spread], args, elbo=False).sum() / (n * L)
+        loss = loss + diffusion_term(model, x[:n], u[spread], args).sum() / (n * L)
     if n < B:
         loss = loss + sequential_term(model, x[n:], args).sum() / ((B - n) * L)
     return loss
@@ -195,17 +195,26 @@ def iw_nll(model, x, args):
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    """Monte Carlo NELBO per sequence (always the true weight), or the
-    importance-weighted bound with --iw-orders N > 0."""
+    """An unbiased, finite-variance estimate of the exact NELBO per sequence (an upper
+    bound on -log p(x), equal to it for exact conditionals), or the importance-weighted
+    bound with --iw-orders N > 0. The diffusion part runs on alpha_t = alpha_0 (1 - t),
+    t in (0, 1] (no eps: all masked at t = 1). Integrating t out as in mdlm.eval_nll, with
+    k ~ Binomial(L, 1 - alpha) masked tokens and alpha from alpha_0 down to 0,
+        int_0^alpha_0 C(L, k) (1 - alpha)^(k-1) alpha^(L-k) d alpha = P(Binomial(L, 1 - alpha_0) < k) / k,
+    so for k ~ pi(k) = P(Binomial(L, 1 - alpha_0) < k) / (L alpha_0) and S a uniform k-subset,
+    alpha_0 L / k times the masked cross-entropy estimates it, bounded. The sequential part
+    is as in training (z_0 masks each token with probability 1 - alpha_0)."""
     check_args(args)
+    L = x.shape[1]
     if getattr(args, 'iw_orders', 0) > 0:
-        return iw_nll(model, x, args), x.shape[1]
+        return iw_nll(model, x, args), L
     nll = 0
-    if args.alpha0 > 0:   # alpha_0 = 0: alpha' = 0, no diffusion term
-        nll = nll + diffusion_term(model, x, u, args, elbo=True)
+    if args.alpha0 > 0:   # alpha_0 = 0: no diffusion term
+        masked, k = masked_subset(x, u, args.alpha0)
+        nll = nll + args.alpha0 * L / k * diffusion_nll(model, x, masked, args.vocab_size)
     if args.alpha0 < 1:   # alpha_0 = 1: z_0 = x, no sequential term
         nll = nll + sequential_term(model, x, args)
-    return nll, x.shape[1]
+    return nll, L
 
 
 # ----------------------------------------------------------------------------

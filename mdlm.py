@@ -88,12 +88,20 @@ def masked_cross_entropy(logits, targets, mask_id):
     return F.cross_entropy(logits, targets, reduction='none')
 
 
-def loss_weight(alpha_t, dalpha_t, args, elbo=False):
-    """Per-sequence weight of the masked cross-entropy: the NELBO's
-    -alpha'_t / (1 - alpha_t) (= 1/t here), or 1 for the low_var training loss."""
-    if elbo or getattr(args, 'loss', 'low_var') == 'elbo':
+def loss_weight(alpha_t, dalpha_t, args):
+    """Per-sequence weight of the masked cross-entropy in training: the NELBO's
+    -alpha'_t / (1 - alpha_t) (= 1/t here) with --loss elbo, or 1 (low_var)."""
+    if getattr(args, 'loss', 'low_var') == 'elbo':
         return -dalpha_t / (1 - alpha_t)
     return torch.ones_like(alpha_t)
+
+
+def masked_nll(model, x, masked, alpha_t, args):
+    """-log x_theta(z_t)_l[x^l] at the masked positions (N,), row-major, and the row of each."""
+    rows, cols = masked.nonzero(as_tuple=True)    # row-major, the order of select= below
+    z_t = torch.where(masked, args.vocab_size, x)
+    logits = model(z_t, sigma=time_sigma(alpha_t, args), select=masked)  # output layer only where masked
+    return masked_cross_entropy(logits, x[rows, cols], args.vocab_size), rows
 
 
 def masked_losses(model, x, u, args):
@@ -102,10 +110,8 @@ def masked_losses(model, x, u, args):
     and alpha_t, alpha'_t (B,)."""
     t = EPS + (1 - EPS) * u                       # u: stratified uniforms from the trainer (GUIDE §1)
     alpha_t, dalpha_t = schedule(t)
-    z_t, masked = mask_tokens(x, alpha_t, args.vocab_size)
-    rows, cols = masked.nonzero(as_tuple=True)    # row-major, the order of select= below
-    logits = model(z_t, sigma=time_sigma(alpha_t, args), select=masked)  # output layer only where masked
-    return masked_cross_entropy(logits, x[rows, cols], args.vocab_size), rows, alpha_t, dalpha_t
+    _, masked = mask_tokens(x, alpha_t, args.vocab_size)
+    return *masked_nll(model, x, masked, alpha_t, args), alpha_t, dalpha_t
 
 
 def train_loss(model, x, u, args, step, state):
@@ -117,13 +123,41 @@ def train_loss(model, x, u, args, step, state):
 # ----------------------------------------------------------------------------
 # evaluation
 
+def masked_subset(x, u, alpha0=1.0):
+    """For the exact bound: k in 1..L masked positions, a uniform random subset of each row,
+    k ~ pi(k) = P(Binomial(L, 1 - alpha0) < k) / (L alpha0) by inverse CDF at the stratified u.
+    Returns masked (B, L) and k (B,)."""
+    L = x.shape[1]
+    j = torch.arange(L + 1, dtype=torch.float64)
+    log_binom = torch.lgamma(j[-1] + 1) - torch.lgamma(j + 1) - torch.lgamma(L - j + 1)
+    pmf = torch.exp(log_binom + torch.xlogy(j, torch.tensor(1 - alpha0)) + torch.xlogy(L - j, torch.tensor(alpha0)))
+    pi = pmf.cumsum(0)[:L]                        # P(Bin < k), k = 1..L; sums to L alpha0
+    cdf = pi.cumsum(0) / pi.sum()
+    k = (torch.searchsorted(cdf, u.double().cpu(), right=True) + 1).clamp(max=L).to(x.device)
+    rank = torch.rand(x.shape, device=x.device).argsort(1).argsort(1)
+    return rank < k[:, None], k
+
+
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    """Monte Carlo NELBO per sequence, one t per sequence: always the true
-    alpha'/(1-alpha) weight, whatever --loss trained the model."""
-    nll, rows, alpha_t, dalpha_t = masked_losses(model, x, u, args)
+    """An unbiased, finite-variance estimate of the exact NELBO per sequence: an upper
+    bound on -log p(x), equal to it for the exact denoiser. Without time conditioning
+    the NELBO does not depend on the schedule, so take alpha_t = 1 - t on (0, 1] (all
+    masked at t = 1: no eps, no prior term). With k ~ Binomial(L, t) tokens masked,
+    int_0^1 (1/t) C(L, k) t^k (1 - t)^(L-k) dt = 1/k integrates t out:
+        NELBO = sum_{k=1..L} E_{|S| = k} [ (1/k) sum_{l in S} -log x_theta(x_l | x outside S) ],
+    so for k uniform on 1..L (stratified by u) and S a uniform k-subset, L/k times the
+    masked cross-entropy is unbiased, and bounded: no 1/t weight, finite variance.
+    With --time-cond the network sees alpha_t = 1 - t, t ~ Beta(k, L - k + 1) (t given k)."""
+    L = x.shape[1]
+    masked, k = masked_subset(x, u)
+    alpha_t = None
+    if getattr(args, 'time_cond', False):
+        t = torch.distributions.Beta(k.double(), (L - k + 1).double()).sample()
+        alpha_t = (1 - t).clamp(min=1e-12)
+    nll, rows = masked_nll(model, x, masked, alpha_t, args)
     per_seq = torch.zeros(x.shape[0], device=x.device).index_add_(0, rows, nll.float())
-    return loss_weight(alpha_t, dalpha_t, args, elbo=True) * per_seq, x.shape[1]
+    return L / k * per_seq, L
 
 
 # ----------------------------------------------------------------------------
