@@ -279,15 +279,12 @@ def train_loss(model, x, u, args, step, state):
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    """An unbiased, finite-variance estimate of the NELBO per sequence, prior term
-    included: an upper bound on -log p(x), tight for the leave-one-out denoiser. Times
-    cover (0, 1], t = 1 - u (dropping [0, eps) would undercut the NLL). A token that was
-    redrawn to another value (probability q_t = (1 - alpha_t)(K - 1)/K ~ t) has an
-    integrand ~ 1/t, so the plain estimate has infinite variance. Split
-    sum_l f_l = sum_l f_l [z_l = x_l] + sum_l f_l [z_l != x_l] and estimate one part per
-    sequence (a fair coin, weight 2): the first at z_t ~ q(z_t | x); the second as
-    L q_t f_j at one uniform position j conditioned to differ (z_j uniform over the other
-    K - 1 tokens), which is bounded."""
+    """An unbiased, finite-variance estimate of the NELBO per sequence (prior term included),
+    an upper bound on -log p(x), tight for the leave-one-out denoiser; t = 1 - u over (0, 1].
+    A token redrawn to another value (probability q_t = (1 - alpha_t)(K-1)/K ~ t) has an
+    integrand ~ 1/t: infinite variance. So each sequence estimates, with weight 2 (a fair
+    coin), either sum_l f_l [z_l = x_l] at z_t ~ q(z_t | x), or sum_l f_l [z_l != x_l] as
+    L q_t f_j at a uniform position j conditioned to differ, which is bounded."""
     K, (B, L) = args.vocab_size, x.shape
     t = 1 - u.double()
     alpha_t = schedule(t)[0]

@@ -197,13 +197,11 @@ def iw_nll(model, x, args):
 def eval_nll(model, x, u, args):
     """An unbiased, finite-variance estimate of the exact NELBO per sequence (an upper
     bound on -log p(x), equal to it for exact conditionals), or the importance-weighted
-    bound with --iw-orders N > 0. The diffusion part runs on alpha_t = alpha_0 (1 - t),
-    t in (0, 1] (no eps: all masked at t = 1). Integrating t out as in mdlm.eval_nll, with
-    k ~ Binomial(L, 1 - alpha) masked tokens and alpha from alpha_0 down to 0,
-        int_0^alpha_0 C(L, k) (1 - alpha)^(k-1) alpha^(L-k) d alpha = P(Binomial(L, 1 - alpha_0) < k) / k,
-    so for k ~ pi(k) = P(Binomial(L, 1 - alpha_0) < k) / (L alpha_0) and S a uniform k-subset,
-    alpha_0 L / k times the masked cross-entropy estimates it, bounded. The sequential part
-    is as in training (z_0 masks each token with probability 1 - alpha_0)."""
+    bound with --iw-orders N > 0. Diffusion part on alpha_t = alpha_0 (1 - t), t in (0, 1]
+    (no eps), t integrated out as in mdlm.eval_nll: with k ~ Binomial(L, 1 - alpha) masked,
+    int_0^alpha_0 P(k | alpha) / (1 - alpha) d alpha = P(Binomial(L, 1 - alpha_0) < k) / k,
+    so alpha_0 L / k times the masked cross-entropy of a uniform k-subset, k ~ that / (L alpha_0),
+    estimates it. The sequential part is as in training."""
     check_args(args)
     L = x.shape[1]
     if getattr(args, 'iw_orders', 0) > 0:

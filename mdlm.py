@@ -31,8 +31,8 @@ Same four functions as ar.py, duo.py and esolm.py:
   train_loss(model, x, u, args, step, state) -> scalar, mean per token
   eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
   sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
-Pieces Eso-LM reuses: schedule, mask_tokens, time_sigma, masked_cross_entropy,
-loss_weight.
+Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight,
+masked_subset.
 """
 import torch
 import torch.nn.functional as F
@@ -124,37 +124,30 @@ def train_loss(model, x, u, args, step, state):
 # evaluation
 
 def masked_subset(x, u, alpha0=1.0):
-    """For the exact bound: k in 1..L masked positions, a uniform random subset of each row,
-    k ~ pi(k) = P(Binomial(L, 1 - alpha0) < k) / (L alpha0) by inverse CDF at the stratified u.
-    Returns masked (B, L) and k (B,)."""
-    L = x.shape[1]
-    j = torch.arange(L + 1, dtype=torch.float64)
-    log_binom = torch.lgamma(j[-1] + 1) - torch.lgamma(j + 1) - torch.lgamma(L - j + 1)
-    pmf = torch.exp(log_binom + torch.xlogy(j, torch.tensor(1 - alpha0)) + torch.xlogy(L - j, torch.tensor(alpha0)))
-    pi = pmf.cumsum(0)[:L]                        # P(Bin < k), k = 1..L; sums to L alpha0
-    cdf = pi.cumsum(0) / pi.sum()
+    """k ~ pi(k) = P(Binomial(L, 1 - alpha0) < k) / (L alpha0), k = 1..L, by inverse CDF
+    at the stratified u, and a uniform k-subset of each row: masked (B, L), k (B,)."""
+    L, j = x.shape[1], torch.arange(x.shape[1] + 1, dtype=torch.float64)
+    log_pmf = torch.lgamma(j[-1] + 1) - torch.lgamma(j + 1) - torch.lgamma(L - j + 1) \
+        + torch.xlogy(j, torch.tensor(1 - alpha0)) + torch.xlogy(L - j, torch.tensor(alpha0))
+    cdf = log_pmf.exp().cumsum(0)[:L].cumsum(0) / (L * alpha0)     # sum_k P(Bin < k) = L alpha0
     k = (torch.searchsorted(cdf, u.double().cpu(), right=True) + 1).clamp(max=L).to(x.device)
-    rank = torch.rand(x.shape, device=x.device).argsort(1).argsort(1)
-    return rank < k[:, None], k
+    return torch.rand(x.shape, device=x.device).argsort(1).argsort(1) < k[:, None], k
 
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    """An unbiased, finite-variance estimate of the exact NELBO per sequence: an upper
-    bound on -log p(x), equal to it for the exact denoiser. Without time conditioning
-    the NELBO does not depend on the schedule, so take alpha_t = 1 - t on (0, 1] (all
-    masked at t = 1: no eps, no prior term). With k ~ Binomial(L, t) tokens masked,
-    int_0^1 (1/t) C(L, k) t^k (1 - t)^(L-k) dt = 1/k integrates t out:
-        NELBO = sum_{k=1..L} E_{|S| = k} [ (1/k) sum_{l in S} -log x_theta(x_l | x outside S) ],
-    so for k uniform on 1..L (stratified by u) and S a uniform k-subset, L/k times the
-    masked cross-entropy is unbiased, and bounded: no 1/t weight, finite variance.
-    With --time-cond the network sees alpha_t = 1 - t, t ~ Beta(k, L - k + 1) (t given k)."""
+    """An unbiased, finite-variance estimate of the exact NELBO per sequence, an upper
+    bound on -log p(x) and equal to it for the exact denoiser. Without time conditioning
+    the NELBO does not depend on the schedule: take alpha_t = 1 - t on (0, 1] (no eps,
+    no prior term). With k ~ Binomial(L, t) masked, int_0^1 (1/t) P(k | t) dt = 1/k, so
+        NELBO = sum_{k=1..L} E_{|S|=k} [ (1/k) sum_{l in S} -log x_theta(x_l | x outside S) ]:
+    L/k times the masked cross-entropy of a uniform k-subset, k ~ U{1..L}, is unbiased and
+    bounded (no 1/t weight). --time-cond: the network sees alpha_t = 1 - t, t ~ Beta(k, L-k+1)."""
     L = x.shape[1]
     masked, k = masked_subset(x, u)
     alpha_t = None
-    if getattr(args, 'time_cond', False):
-        t = torch.distributions.Beta(k.double(), (L - k + 1).double()).sample()
-        alpha_t = (1 - t).clamp(min=1e-12)
+    if getattr(args, 'time_cond', False):  # t given k
+        alpha_t = 1 - torch.distributions.Beta(k.double(), (L - k + 1).double()).sample().clamp(max=1 - 1e-12)
     nll, rows = masked_nll(model, x, masked, alpha_t, args)
     per_seq = torch.zeros(x.shape[0], device=x.device).index_add_(0, rows, nll.float())
     return L / k * per_seq, L
