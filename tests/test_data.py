@@ -201,14 +201,14 @@ def test_two_sources_never_share_a_folder_and_changes_are_noticed(tmp_path, monk
 def test_non_utf8_bytes_are_counted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
     (tmp_path / 'corpus').mkdir()
-    (tmp_path / 'corpus' / 'a.txt').write_bytes(b'caf\xe9 au lait \xff\xfe!')  # Latin-1 and two stray bytes
+    (tmp_path / 'corpus' / 'a.txt').write_bytes(b'caf\xe9 au lait \xff\xfe! \xe2\x82')  # Latin-1, strays, a cut euro
     (tmp_path / 'corpus' / 'b.txt').write_text('plain text, caf\u00e9')
     out = data.prepare(str(tmp_path / 'corpus'), 'byte', num_proc=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if 'UTF-8' in line]
-    assert len(lines) == 1 and 'a.txt' in lines[0] and ' 3 bytes replaced' in lines[0]
+    assert len(lines) == 1 and 'a.txt' in lines[0] and ' 5 bytes replaced' in lines[0]
     meta = data.load_meta(out)
     tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
-    assert sorted(split_docs(tokens, 256)) == ['caf\ufffd au lait \ufffd\ufffd!', 'plain text, caf\u00e9']
+    assert sorted(split_docs(tokens, 256)) == ['caf\ufffd au lait \ufffd\ufffd! \ufffd\ufffd', 'plain text, caf\u00e9']
 
 
 def test_a_missing_local_path_fails_at_once(tmp_path, monkeypatch):
