@@ -7,14 +7,14 @@
     python data.py openwebtext --max-tokens 1e9     # any Hugging Face dataset (streamed)
     python data.py openwebtext --tokenizer hf:TinyLlama/TinyLlama_v1.1  # a Hugging Face tokenizer
 
-writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json} (a local path's name
-carries a hash of where it is): one token stream per split, documents separated by
-the end-of-text id, as a uint16 memmap (uint32 when the vocabulary needs it). The
-validation split holds whole documents. A source whose files change is prepared again.
+writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per
+split, documents separated by the end-of-text id, as a uint16 memmap (uint32 when the
+vocabulary needs it). The validation split holds whole documents.
 """
 import argparse
 import base64
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -51,13 +51,12 @@ class Tokenizer:
     eot: int           # end-of-text id, written between documents
 
 
+@functools.cache
 def get_tokenizer(name):
     """'byte' (256 bytes + end-of-text), 'gpt2' (= tiktoken r50k_base, shipped), any
-    other tiktoken encoding by name (cl100k_base, ...: downloaded once), or
-    'hf:NAME_OR_PATH', a Hugging Face tokenizer (a Hub name or a tokenizer.json)."""
+    other tiktoken encoding (cl100k_base, ...: downloaded once), or hf:NAME_OR_PATH."""
     if name == 'byte':
-        def decode(ids):
-            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+        decode = lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')  # noqa: E731
         return Tokenizer('byte', lambda s: list(s.encode('utf-8')), decode, 257, 256)
     if name.startswith('hf:'):
         return hf_tokenizer(name)
@@ -78,12 +77,11 @@ def gpt2_encoding():
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     with lzma.open(os.path.join(ASSETS, 'gpt2.tiktoken.xz')) as f:
         ranks = {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, f)}
-    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: len(ranks)})
+    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256})
 
 
 def hf_tokenizer(name):
-    """hf:PATH (a tokenizer.json, or a folder holding one) or hf:NAME (from the Hub)."""
+    """hf:PATH (a tokenizer.json, or a folder holding one) or hf:NAME (from the Hub); its eos separates documents."""
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
@@ -95,11 +93,10 @@ def hf_tokenizer(name):
     except Exception as e:
         raise SystemExit(f"cannot load tokenizer '{name[3:]}' ({type(e).__name__}): pass a Hub name, "
                          f"a tokenizer.json or a folder holding one") from None
-    eot = next((i for i in map(hf.token_to_id, EOS) if i is not None), None)
-    if eot is None:
+    eot = [i for i in map(hf.token_to_id, EOS) if i is not None]
+    if not eot:
         raise SystemExit(f"tokenizer '{name[3:]}' has no end-of-text token ({', '.join(EOS)})")
-    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode,
-                     hf.get_vocab_size(), eot)
+    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode, hf.get_vocab_size(), eot[0])
 
 
 def token_dtype(vocab_size):
@@ -123,7 +120,7 @@ def source_files(name):
 
 
 def utf8(raw, where):
-    """Bytes -> text; bytes that are not UTF-8 become U+FFFD, and we say how many."""
+    """Bytes -> text; each byte that is not UTF-8 becomes U+FFFD, and we say how many."""
     text, bad = re.subn('[\udc80-\udcff]', '\ufffd', raw.decode('utf-8', 'surrogateescape'))
     if bad:
         print(f'{where}: not UTF-8, {bad} bytes replaced by U+FFFD')
@@ -148,19 +145,17 @@ def documents(name, args):
     elif not files:
         yield from hub_documents(name, args)
 
+
 def hub_documents(path, args, **kw):
     """Stream a dataset with datasets.load_dataset (Hub name, or 'json'/'parquet' + files)."""
     import datasets
     try:
-        ds = datasets.load_dataset(path, args.config, split=args.split, streaming=True, **kw)
-        for row in ds:
+        for row in datasets.load_dataset(path, args.config, split=args.split, streaming=True, **kw):
             if args.text_column not in row:
                 raise SystemExit(f"dataset has no column '{args.text_column}' (columns: "
                                  f"{', '.join(row)}): pass --text-column")
             yield row[args.text_column]
-    except SystemExit:
-        raise
-    except Exception as e:
+    except Exception as e:  # not SystemExit
         raise SystemExit(f"cannot load dataset '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                          f"check the name, or pass a local folder/file") from None
 
@@ -169,8 +164,7 @@ def hub_documents(path, args, **kw):
 # preparation
 
 def slug(name):
-    """A folder-name-safe key; a local path: its base name and a hash of where it is
-    (two sources never share a folder)."""
+    """A folder-name-safe key; a local path: its base name and a hash of where it is."""
     path = os.path.expanduser(name.removeprefix('hf:'))
     if os.path.exists(path) or any(c in path for c in '*?['):
         digest = hashlib.blake2b(os.path.abspath(path).encode(), digest_size=4).hexdigest()
@@ -179,16 +173,10 @@ def slug(name):
 
 
 def dataset_dir(name, tokenizer):
-    """data/<dataset>-<tokenizer>/, or `name` itself when it is a prepared folder."""
+    """data/<dataset>-<tokenizer>/ (two sources never share one), or `name` itself if it is a prepared folder."""
     if os.path.isfile(os.path.join(os.path.expanduser(name), 'meta.json')):
         return os.path.expanduser(name)
     return os.path.join(DATA_DIR, f'{slug(name)}-{slug(tokenizer)}')
-
-
-def fingerprint(files):
-    """A hash of the source files' names, sizes and times (None for a Hub dataset)."""
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    return hashlib.blake2b(repr(stats).encode(), digest_size=8).hexdigest() if files else None
 
 
 def in_val(index, seed, val_frac):
@@ -197,83 +185,62 @@ def in_val(index, seed, val_frac):
     return int.from_bytes(h, 'little') / 2 ** 64 < val_frac
 
 
-def temp_file(out, what, mode='wb'):
-    """A hidden temporary file, unique per call; its name carries our pid for sweep()."""
+def temp_file(out, what, mode='wb'):  # unique per call; the pid in its name tells sweep() whose it is
     return tempfile.NamedTemporaryFile(mode, dir=out, prefix=f'.{what}.{os.getpid()}.', suffix='.tmp', delete=False)
 
 
-def publish(tmp, path):
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)  # atomic: never a half-written file
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's live process
-        pass
-    return True
-
-
 def sweep():
-    """Remove what killed preparations left behind: temporary files whose process
-    is dead, then dataset folders that stayed empty for a minute."""
+    """Remove what killed preparations left: temporary files of dead processes, and
+    dataset folders still empty a minute after they were made (a failed load)."""
     for f in glob.glob(os.path.join(DATA_DIR, '*', '.*.tmp')):
-        pid = os.path.basename(f).split('.')[2]
-        if not (pid.isdigit() and alive(int(pid))):
-            with contextlib.suppress(OSError):
+        try:
+            os.kill(int(os.path.basename(f).split('.')[2]), 0)  # signal 0: does that process exist?
+        except PermissionError:  # yes, another user's
+            pass
+        except (ProcessLookupError, ValueError, OverflowError):  # no (or no pid in the name)
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
     for d in glob.glob(os.path.join(DATA_DIR, '*', '')):
-        if not os.listdir(d) and time.time() - os.path.getmtime(d) > 60:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if not os.listdir(d) and time.time() - os.path.getmtime(d) > 60:
                 os.rmdir(d)
 
 
-_tok = None
-
-
-def _init_worker(name):
-    global _tok
-    _tok = get_tokenizer(name)
-
-
-def _encode(text):
-    return _tok.encode(text)
+def _encode(tokenizer_and_text):  # in a worker process (get_tokenizer caches)
+    return get_tokenizer(tokenizer_and_text[0]).encode(tokenizer_and_text[1])
 
 
 def prepare(name, tokenizer='gpt2', force=False, **kw):
     """Tokenise a dataset into data/<name>-<tokenizer>/ once (again if its files
-    changed, or with force); return its folder. Safe to run twice at once."""
+    changed, or with force); return its folder. Two at once both succeed."""
     args = argparse.Namespace(**{**vars(get_parser().parse_args([name])), **kw, 'tokenizer': tokenizer})
     out = dataset_dir(name, tokenizer)
     meta = load_meta(out) if os.path.exists(os.path.join(out, 'meta.json')) else None
     if meta and meta['tokenizer'] != tokenizer:
         raise SystemExit(f"'{name}' holds tokens of --tokenizer {meta['tokenizer']}, not {tokenizer}: pass its "
                          f"source '{meta['source']}' instead, to prepare it with {tokenizer}")
-    if meta and out == os.path.expanduser(name):
-        return out  # a prepared folder, named as such
-    source_hash = fingerprint(source_files(name))
+    files = source_files(name)
+    source_hash = hashlib.blake2b(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode(),
+                                  digest_size=8).hexdigest() if files else None  # None: a Hub dataset
+    if meta and (out == os.path.expanduser(name) or meta.get('source_hash') == source_hash and not force):
+        return out  # already prepared: a no-op
     if meta and not force:
-        if meta.get('source_hash') == source_hash:
-            return out  # already prepared: a no-op
         print(f'{name}: its files changed since it was prepared: preparing it again')
     sweep()
     tok = get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     os.makedirs(out, exist_ok=True)
-    files = {s: temp_file(out, s) for s in ('train', 'val')}
+    tmp = {s: temp_file(out, s) for s in ('train', 'val')}
     counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0}
     from tqdm import tqdm
 
     def write(split, ids):
-        files[split].write(np.asarray(ids + [tok.eot], dtype=dtype).tobytes())
+        tmp[split].write(np.asarray(ids + [tok.eot], dtype=dtype).tobytes())
         counts[f'{split}_tokens'] += len(ids) + 1
         counts[f'{split}_docs'] += 1
 
-    pool = Pool(args.num_proc, _init_worker, (tokenizer,)) if args.num_proc > 1 else None
-    encoded = pool.imap(_encode, documents(name, args), chunksize=16) if pool else \
+    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    encoded = pool.imap(_encode, ((tokenizer, d) for d in documents(name, args)), chunksize=16) if pool else \
         (tok.encode(d) for d in documents(name, args))
     held = None  # the last document is written only once we know another follows (val never empty)
     try:
@@ -282,9 +249,8 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
             if held is not None:
                 write(*held)
             held = ('val' if in_val(i, args.seed, args.val_frac) else 'train', ids)
-            if args.max_docs and i + 1 >= args.max_docs:
-                break
-            if args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens:
+            if (args.max_docs and i + 1 >= args.max_docs or
+                    args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens):
                 break
         if held is None:
             raise SystemExit(f"dataset '{name}' has no documents")
@@ -292,24 +258,24 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         if counts['train_docs'] == 0:
             raise SystemExit(f"dataset '{name}' has a single document: the split needs at least two")
     except BaseException:
-        for f in files.values():  # leave nothing half-written behind
+        for f in tmp.values():  # leave nothing half-written behind, nor an empty folder
             f.close()
             os.unlink(f.name)
         with contextlib.suppress(OSError):
-            os.rmdir(out)  # a failed load leaves no empty folder
+            os.rmdir(out)
         raise
     finally:
         if pool:
             pool.terminate()
-        for f in files.values():
+        for f in tmp.values():
             f.close()
-    for split, f in files.items():
-        publish(f.name, os.path.join(out, f'{split}.bin'))
     meta = dict(tokenizer=tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, dtype=np.dtype(dtype).name,
                 source=name, seed=args.seed, val_frac=args.val_frac, source_hash=source_hash, **counts)
     with temp_file(out, 'meta', 'w') as f:
         json.dump(meta, f, indent=1)
-    publish(f.name, os.path.join(out, 'meta.json'))  # meta.json last: it marks the folder complete
+    for what, f in {**tmp, 'meta': f}.items():  # meta.json last: it marks the folder complete
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, os.path.join(out, 'meta.json' if what == 'meta' else f'{what}.bin'))  # atomic
     return out
 
 
@@ -355,12 +321,9 @@ def get_parser():
 
 def parse_args(argv=None):
     a = get_parser().parse_args(argv)
-    if not 0 < a.val_frac < 1:
-        raise SystemExit(f'--val-frac {a.val_frac}: must be in (0, 1)')
-    if a.num_proc < 1:
-        raise SystemExit(f'--num-proc {a.num_proc}: must be at least 1')
-    if a.max_docs < 0 or a.max_tokens < 0:
-        raise SystemExit('--max-docs and --max-tokens must be >= 0 (0 = all)')
+    if not 0 < a.val_frac < 1 or a.num_proc < 1 or min(a.max_docs, a.max_tokens) < 0:
+        raise SystemExit(f'need --val-frac in (0, 1) (got {a.val_frac}), --num-proc >= 1 ({a.num_proc}), '
+                         f'--max-docs and --max-tokens >= 0 ({a.max_docs}, {a.max_tokens})')
     return a
 
 

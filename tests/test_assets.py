@@ -20,6 +20,7 @@ def test_gpt2_from_the_shipped_ranks(monkeypatch):
         raise AssertionError('tried to fetch a BPE file')
     monkeypatch.setattr(tiktoken.load, 'read_file', download)
     monkeypatch.setattr(tiktoken, 'get_encoding', download)
+    data.get_tokenizer.cache_clear()
     tok = data.get_tokenizer('gpt2')
     assert tok.encode('Hello world') == [15496, 995]  # GPT-2's published ids
     assert tok.vocab_size == 50257 and tok.eot == 50256

@@ -110,6 +110,7 @@ def test_clear_errors(tmp_path, monkeypatch):
     def offline(name):
         raise ConnectionError('no network')
     monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    data.get_tokenizer.cache_clear()
     with pytest.raises(SystemExit, match='TIKTOKEN_CACHE_DIR'):
         data.get_tokenizer('cl100k_base')
     with pytest.raises(SystemExit, match='no .txt/.jsonl/.json/.parquet files'):
