@@ -321,9 +321,12 @@ def get_parser():
 
 def parse_args(argv=None):
     a = get_parser().parse_args(argv)
-    if not 0 < a.val_frac < 1 or a.num_proc < 1 or min(a.max_docs, a.max_tokens) < 0:
-        raise SystemExit(f'need --val-frac in (0, 1) (got {a.val_frac}), --num-proc >= 1 ({a.num_proc}), '
-                         f'--max-docs and --max-tokens >= 0 ({a.max_docs}, {a.max_tokens})')
+    if not 0 < a.val_frac < 1:
+        raise SystemExit(f'--val-frac {a.val_frac}: must be in (0, 1)')
+    if a.num_proc < 1:
+        raise SystemExit(f'--num-proc {a.num_proc}: must be at least 1')
+    if a.max_docs < 0 or a.max_tokens < 0:
+        raise SystemExit('--max-docs and --max-tokens must be >= 0 (0 = all)')
     return a
 
 
