@@ -287,13 +287,16 @@ def in_windows(denoise, model, args, z, keep, callback=None):
     then each window the last block_size - new tokens so far as a clean prefix and
     new <= args.stride (default: half the context) fresh positions; args.steps is per
     window. denoise calls report(z, nfe, noisy) after each step; callback(z, nfe, noisy)
-    then sees the whole sequence (noisy: positions not final yet) and the NFE so far."""
+    then sees the whole sequence (noisy: positions not final yet) and the NFE so far,
+    and once before the first step."""
     length = z.shape[1]
     context = getattr(args, 'block_size', None) or length
     stride = getattr(args, 'stride', None) or context // 2
     if length > context and not 0 < stride < context:
         raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], got {stride}')
     out, nfe = z[:, :0], 0
+    if callback is not None:
+        callback(z, 0, ~keep)                                  # step 0: the given tokens only
     while out.shape[1] < length:
         a = out.shape[1]                                       # tokens done
         hi = min(a + stride if a else context, length)          # this window: positions lo..hi-1

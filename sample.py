@@ -228,26 +228,26 @@ def parse_infill(text, tok):
     return ids, given
 
 
-def tracer(tok, every, out=sys.stdout):
+def tracer(tok, every, out=None):
     """A sampler callback(z, nfe, noisy) that keeps the trajectory of the first sample,
     frames = [(step, nfe, ids, marks)], marks one letter per token: m masked (shown
     as a placeholder), d decided at this step (highlighted), n noisy (Duo: differs
     from argmax x_theta; dimmed), c clean. With every > 0 it redraws every k-th
     frame: in place with colours on a terminal, as plain text otherwise."""
-    frames = []
+    frames, out = [], out or sys.stdout
 
     def callback(z, nfe, noisy):
         ids, noisy = z[0].tolist(), noisy[0].tolist()
         before = frames[-1][2:] if frames else ([None] * len(ids), 'm' * len(ids))
         marks = ''.join('m' if not 0 <= i < tok.vocab_size else 'n' if q else
                         'd' if i != j or b in 'mn' else 'c' for i, q, j, b in zip(ids, noisy, *before))
-        frames.append((len(frames) + 1, nfe, ids, marks))
-        if every and len(frames) % every == 0:
+        frames.append((len(frames), nfe, ids, marks))   # step 0: the start
+        if every and (len(frames) - 1) % every == 0:
             tty = out.isatty()
             style = {'m': '\x1b[2m', 'd': '\x1b[1;7m', 'n': '\x1b[2m', 'c': ''} if tty else dict.fromkeys('mdnc', '')
             text = ''.join(style[m] + ('_' if m == 'm' else tok.decode([i])) + ('\x1b[0m' if tty else '')
                            for i, m in zip(ids, marks))
-            out.write(('\x1b[H\x1b[J' if tty else '') + f'--- step {len(frames)} | NFE {nfe} ---\n{text}\n')
+            out.write(('\x1b[H\x1b[J' if tty else '') + f'--- step {len(frames) - 1} | NFE {nfe} ---\n{text}\n')
             out.flush()
     callback.frames = frames
     return callback
