@@ -150,7 +150,7 @@ def test_parse_infill_and_malformed_gaps():
     ids, given = sample.parse_infill('ab [2]c[1]', tok)
     assert ids == list(b'ab ') + [0, 0] + list(b'c') + [0]
     assert given == [True] * 3 + [False] * 2 + [True] + [False]
-    for bad in ['ab [x] c', 'ab [3', 'ab 3]', 'a [0] b', 'a [-2]', 'no gap at all', '[[2]]']:
+    for bad in ['ab [x] c', 'ab [3', 'ab 3]', 'a [0] b [2]', 'a [-2]', 'no gap at all', '[[2]]']:
         with pytest.raises(SystemExit) as e:
             sample.parse_infill(bad, tok)
         assert '[N]' in str(e.value) and '\n' not in str(e.value), bad
