@@ -69,7 +69,5 @@ def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, cal
     """Continue prompt (n, P), P >= 1, to `length` tokens. Past the context, each
     window continues the tail of the text so far in a fresh KV cache (model.in_windows)."""
     if prompt is None or prompt.shape[1] == 0 or fixed is not None:
-        raise ValueError('AR conditions on a prompt (a prefix) only, of at least one token (e.g. end-of-text): '
-                         'no fixed= (infilling)')
-    return in_windows(denoise, model, args, *start_tokens(n, length, args.vocab_size, prompt, device=device),
-                      callback)
+        raise ValueError('AR conditions on a prompt of >= 1 token (e.g. end-of-text) only: no fixed= (infilling)')
+    return in_windows(denoise, model, args, *start_tokens(n, length, args.vocab_size, prompt, None, device), callback)

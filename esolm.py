@@ -230,13 +230,11 @@ def unmask_counts(n_masked, steps, alpha0):
 
 @torch.no_grad()
 def denoise(model, args, z, keep, report):
-    """Fill the positions of z (n, l) that are not kept. The whole generation order is
-    drawn up front: the kept (clean) tokens, wherever they stand, then the diffusion
-    tokens (random positions), then the sequential ones (left to right); step i decides
-    the next counts[i] tokens of it. With args.cache each step runs the network only on
-    the tokens decided last step (committed to the cache) and the masked ones being
-    decided now; without it, on the whole sorted prefix. report(z, nfe, masked) after
-    each step, in left-to-right positions."""
+    """Fill the positions of z (n, l) not kept. The generation order is drawn up front: the
+    kept (clean) tokens wherever they stand, the diffusion tokens (random positions), the
+    sequential ones (left to right); step i decides its next counts[i] tokens. With args.cache
+    each step runs the network only on the tokens decided last step (committed to the cache)
+    and those decided now. report(z, nfe, masked) after each step, in left-to-right positions."""
     (n, length), K, top_p = z.shape, args.vocab_size, getattr(args, 'top_p', 1.0)
     cache = KVCache(length) if getattr(args, 'cache', True) else None
     dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32

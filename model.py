@@ -281,14 +281,12 @@ def start_tokens(n, length, K, prompt=None, fixed=None, device='cpu'):
 
 
 def in_windows(denoise, model, args, z, keep, callback=None):
-    """Sample z (n, length), clean where keep, with a method's sampler of one window,
-    denoise(model, args, z, keep, report) -> (tokens, NFE). Beyond the training context
-    (args.block_size) it goes semi-autoregressively: the first block_size positions,
-    then each window the last block_size - new tokens so far as a clean prefix and
-    new <= args.stride (default: half the context) fresh positions; args.steps is per
-    window. denoise calls report(z, nfe, noisy) after each step; callback(z, nfe, noisy)
-    then sees the whole sequence (noisy: positions not final yet) and the NFE so far,
-    and once before the first step."""
+    """Sample z (n, length), clean where keep, with denoise(model, args, z, keep, report) ->
+    (tokens, NFE), a method's sampler. Beyond the training context (args.block_size), window
+    by window: the first block_size positions, then the last block_size - new tokens so far as
+    a clean prefix and new <= args.stride (default: half the context) fresh positions. denoise
+    reports each step; callback(z, nfe, noisy) sees the whole sequence (noisy: not final yet)
+    and the NFE of all windows so far, at the start (nfe = 0) and after each step."""
     length = z.shape[1]
     context = getattr(args, 'block_size', None) or length
     stride = getattr(args, 'stride', None) or context // 2

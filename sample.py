@@ -243,11 +243,10 @@ def tracer(tok, every, out=None):
                         'd' if i != j or b in 'mn' else 'c' for i, q, j, b in zip(ids, noisy, *before))
         frames.append((len(frames), nfe, ids, marks))   # step 0: the start
         if every and (len(frames) - 1) % every == 0:
-            tty = out.isatty()
-            style = {'m': '\x1b[2m', 'd': '\x1b[1;7m', 'n': '\x1b[2m', 'c': ''} if tty else dict.fromkeys('mdnc', '')
-            text = ''.join(style[m] + ('_' if m == 'm' else tok.decode([i])) + ('\x1b[0m' if tty else '')
-                           for i, m in zip(ids, marks))
-            out.write(('\x1b[H\x1b[J' if tty else '') + f'--- step {len(frames) - 1} | NFE {nfe} ---\n{text}\n')
+            ansi = dict(m='\x1b[2m', d='\x1b[1;7m', n='\x1b[2m', c='', end='\x1b[0m', home='\x1b[H\x1b[J')
+            style = ansi if out.isatty() else dict.fromkeys(ansi, '')
+            text = ''.join(style[m] + ('_' if m == 'm' else tok.decode([i])) + style['end'] for i, m in zip(ids, marks))
+            out.write(style['home'] + f'--- step {len(frames) - 1} | NFE {nfe} ---\n{text}\n')
             out.flush()
     callback.frames = frames
     return callback
@@ -258,21 +257,17 @@ def write_trace_html(path, frames, tok, title):
     a slider over the steps. Written atomically (tmp name + rename)."""
     pieces = {i: tok.decode([i]) for f in frames for i in set(f[2]) if 0 <= i < tok.vocab_size}
     blob = json.dumps({'pieces': pieces, 'frames': frames}).replace('</', '<\\/')
-    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font:15px monospace;margin:2em}}#t{{white-space:pre-wrap;border:1px solid #ccc;padding:1em}}
-.m{{color:#bbb}}.d{{background:#ffd54f}}.n{{color:#999}}</style>
-<h3>{html.escape(title)}</h3><input id="s" type="range" min="0" value="0" style="width:100%"><p id="h"></p><div id="t"></div>
-<script>const D={blob};const s=document.getElementById('s');s.max=D.frames.length-1;s.value=s.max;
-function show(){{const [step,nfe,ids,marks]=D.frames[s.value],t=document.getElementById('t');t.textContent='';
-document.getElementById('h').textContent='step '+step+' of '+D.frames.length+' | NFE '+nfe;
-ids.forEach((id,k)=>{{const e=document.createElement('span');e.className=marks[k];
-e.textContent=marks[k]=='m'?'_':D.pieces[id];t.appendChild(e);}});}}
-s.oninput=show;show();</script>
-"""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>body{{font:15px
+monospace;margin:2em}} #t{{white-space:pre-wrap}} .m{{color:#bbb}} .d{{background:#ffd54f}} .n{{color:#999}}</style>
+<h3>{html.escape(title)}</h3><input id="s" type="range" min="0" style="width:100%"><p id="h"></p><div id="t"></div>
+<script>const D={blob}, s=document.getElementById('s'), t=document.getElementById('t'); s.max=D.frames.length-1; s.value=s.max;
+s.oninput=function(){{const [step,nfe,ids,marks]=D.frames[s.value]; t.textContent='';
+document.getElementById('h').textContent='step '+step+' of '+s.max+' | NFE '+nfe; ids.forEach((id,k)=>{{
+const e=t.appendChild(document.createElement('span')); e.className=marks[k]; e.textContent=marks[k]=='m'?'_':D.pieces[id];}})}};
+s.oninput();</script>\n"""
+    with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
         f.write(page)
-    os.replace(tmp, path)
+    os.replace(f.name, path)
 
 
 def main(argv=None):
@@ -291,7 +286,7 @@ def main(argv=None):
         if len(ids) > args.length:
             raise SystemExit(f'--infill makes {len(ids)} tokens (with the start token), more than --length {args.length}')
         pad = args.length - len(ids)   # free positions after the text
-        fixed = (torch.tensor(ids + [0] * pad).expand(n, -1), torch.tensor(given + [False] * pad).expand(n, -1))
+        fixed = torch.tensor(ids + [0] * pad).expand(n, -1), torch.tensor(given + [False] * pad).expand(n, -1)
     args.length = args.length or args.block_size
     steps_list = parse_steps(args.steps, min(args.length, args.block_size))  # diffusion steps per window
     if len(prompt) >= args.length:

@@ -188,7 +188,7 @@ def test_trace_html_holds_every_step_and_the_final_text(ckpts, tmp_path, capsys)
     assert '\x1b' not in out and f'--- step {nfe} | NFE {nfe} ---' in out   # plain text: not a terminal
     text = page.read_text()
     assert 'http' not in text and 'src=' not in text and list(tmp_path.iterdir()) == [page]  # self-contained, no tmp
-    blob = json.loads(re.search(r'const D=(.*?);const s=', text, re.S).group(1).replace('<\\/', '</'))
+    blob = json.loads(re.search(r'const D=(.*?), s=document', text, re.S).group(1).replace('<\\/', '</'))
     frames = blob['frames']
     assert [f[0] for f in frames] == [f[1] for f in frames] == list(range(nfe + 1))  # step 0: the start
     step_tokens, last = frames[-1][2], frames[-1][3]
