@@ -60,7 +60,8 @@ def denoise(model, args, z, keep, report):
         nfe += 1
         new = next_token(logits, args)[:, None]
         x = torch.cat([x, new], dim=1)
-        report(torch.cat([x, z[:, x.shape[1]:]], 1), nfe, (torch.arange(z.shape[1], device=z.device) >= x.shape[1]).expand_as(z))
+        unwritten = (torch.arange(z.shape[1], device=z.device) >= x.shape[1]).expand_as(z)
+        report(torch.cat([x, z[:, x.shape[1]:]], 1), nfe, unwritten)
     return x, nfe
 
 
