@@ -302,12 +302,10 @@ def posterior(p, z, alpha_t, alpha_s, K):
 
 @torch.no_grad()
 def denoise(model, args, z, keep, report):
-    """Ancestral sampling from uniform noise, as the seed does it: T steps on
-    t = linspace(1, 1e-5, T+1), each drawing z_s ~ q(z_s | z_t, x_theta(z_t))
-    (nucleus-filtered), then noise removal: one more call at t = 1e-5 and a draw
-    at alpha_s = 1 (--greedy-tail: argmax x_theta). NFE = T + 1 (no cache: sigma
-    changes every step). Kept tokens are clamped at every step. report(z, nfe, noisy),
-    noisy: the tokens argmax x_theta would change."""
+    """Ancestral sampling from uniform noise as in the seed: T steps on t = linspace(1, 1e-5, T+1),
+    each drawing z_s ~ q(z_s | z_t, x_theta(z_t)) (nucleus-filtered), then noise removal: one more
+    call at t = 1e-5 and a draw at alpha_s = 1 (--greedy-tail: argmax x_theta). NFE = T + 1. Kept
+    tokens are clamped at every step. report(z, nfe, noisy), noisy: tokens unlike argmax x_theta."""
     K, T = args.vocab_size, getattr(args, 'steps', None) or z.shape[1]
     top_p, greedy = getattr(args, 'top_p', 1.0), getattr(args, 'greedy_tail', False)
     dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32

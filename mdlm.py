@@ -170,9 +170,8 @@ def denoise(model, args, z, keep, report):
 
 @torch.no_grad()
 def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None):
-    """n sequences of `length` tokens. prompt (n, P): a clean prefix, kept.
-    fixed=(tokens, given), both (n, length): infilling, the tokens where `given`
-    is True are clean and kept. Longer than the training context, in windows
-    (model.in_windows). callback(z, nfe, masked) after each step that reveals."""
+    """n sequences of `length` tokens. prompt (n, P): a clean prefix; fixed=(tokens, given), both
+    (n, length): infilling, tokens clean where given. Beyond the context in windows, and callback
+    (z, nfe, masked) after each step that reveals: model.in_windows."""
     z, keep = start_tokens(n, length, args.vocab_size, prompt, fixed, device)
     return in_windows(denoise, model, args, z, keep, callback)

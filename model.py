@@ -287,8 +287,7 @@ def in_windows(denoise, model, args, z, keep, callback=None):
     a clean prefix and new <= args.stride (default: half the context) fresh positions. denoise
     reports each step; callback(z, nfe, noisy) sees the whole sequence (noisy: not final yet)
     and the NFE of all windows so far, at the start (nfe = 0) and after each step."""
-    length = z.shape[1]
-    context = getattr(args, 'block_size', None) or length
+    length, context = z.shape[1], getattr(args, 'block_size', None) or z.shape[1]
     stride = getattr(args, 'stride', None) or context // 2
     if length > context and not 0 < stride < context:
         raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], got {stride}')

@@ -15,7 +15,6 @@ sample after every step, --trace-html FILE writes its trajectory as a page.
 """
 import argparse
 import contextlib
-import html
 import json
 import math
 import os
@@ -216,15 +215,12 @@ def check_args(args):
 def parse_infill(text, tok):
     """--infill 'ROMEO: [10] my love [5].' -> token ids and given (True: from the text,
     False: a gap). [N] is a gap of N >= 1 tokens; brackets serve only for gaps."""
-    ids, given = [], []
-    for i, piece in enumerate(re.split(r'\[(\d+)\]', text)):
-        if i % 2 == 0 and ('[' in piece or ']' in piece) or i % 2 == 1 and int(piece) < 1:
-            raise SystemExit(f"--infill: malformed gap in '{text}': write each gap as [N], N >= 1 tokens, "
-                             f"e.g. 'ROMEO: [10] my love [5].'")
+    pieces, ids, given = re.split(r'\[(\d+)\]', text), [], []   # text, gap, text, gap, ..., text
+    if len(pieces) < 3 or min(int(g) for g in pieces[1::2]) < 1 or any(set('[]') & set(p) for p in pieces[::2]):
+        raise SystemExit(f"--infill '{text}': mark each gap as [N], N >= 1 tokens to fill, e.g. 'ROMEO: [10] my love [5].'")
+    for i, piece in enumerate(pieces):
         new = [0] * int(piece) if i % 2 else tok.encode(piece)
         ids, given = ids + new, given + [i % 2 == 0] * len(new)
-    if all(given):
-        raise SystemExit(f"--infill '{text}' has no gap: mark one as [N], N tokens, e.g. 'ROMEO: [10] my love [5].'")
     return ids, given
 
 
@@ -256,13 +252,13 @@ def write_trace_html(path, frames, tok, title):
     """The trajectory as one self-contained page (inline CSS and JS, no network):
     a slider over the steps. Written atomically (tmp name + rename)."""
     pieces = {i: tok.decode([i]) for f in frames for i in set(f[2]) if 0 <= i < tok.vocab_size}
-    blob = json.dumps({'pieces': pieces, 'frames': frames}).replace('</', '<\\/')
-    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>body{{font:15px
+    blob = json.dumps({'title': title, 'pieces': pieces, 'frames': frames}).replace('</', '<\\/')
+    page = f"""<!doctype html><meta charset="utf-8"><title>sample.py --trace-html</title><style>body{{font:15px
 monospace;margin:2em}} #t{{white-space:pre-wrap}} .m{{color:#bbb}} .d{{background:#ffd54f}} .n{{color:#999}}</style>
-<h3>{html.escape(title)}</h3><input id="s" type="range" min="0" style="width:100%"><p id="h"></p><div id="t"></div>
+<input id="s" type="range" min="0" style="width:100%"><p id="h"></p><div id="t"></div>
 <script>const D={blob}, s=document.getElementById('s'), t=document.getElementById('t'); s.max=D.frames.length-1; s.value=s.max;
 s.oninput=function(){{const [step,nfe,ids,marks]=D.frames[s.value]; t.textContent='';
-document.getElementById('h').textContent='step '+step+' of '+s.max+' | NFE '+nfe; ids.forEach((id,k)=>{{
+document.getElementById('h').textContent=D.title+': step '+step+' of '+s.max+' | NFE '+nfe; ids.forEach((id,k)=>{{
 const e=t.appendChild(document.createElement('span')); e.className=marks[k]; e.textContent=marks[k]=='m'?'_':D.pieces[id];}})}};
 s.oninput();</script>\n"""
     with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:

@@ -153,7 +153,7 @@ def test_parse_infill_and_malformed_gaps():
     for bad in ['ab [x] c', 'ab [3', 'ab 3]', 'a [0] b [2]', 'a [-2]', 'no gap at all', '[[2]]']:
         with pytest.raises(SystemExit) as e:
             sample.parse_infill(bad, tok)
-        assert '[N]' in str(e.value) and '\n' not in str(e.value), bad
+        assert '[N], N >= 1' in str(e.value) and '\n' not in str(e.value), bad
 
 
 @pytest.fixture(scope='module')
