@@ -319,7 +319,7 @@ def denoise(model, args, z, keep, report):
         else:
             z_s = sample_categorical(top_p_filter(posterior(p, z, alpha_t, alpha_s, K), top_p))
         z = torch.where(keep, z, z_s)
-        report(z, i + 1, (z != p.argmax(-1)) & ~keep)
+        report(z, i + 1, lambda: (z != p.argmax(-1)) & ~keep)   # no argmax unless traced
     return z, T + 1
 
 

@@ -299,8 +299,9 @@ def in_windows(denoise, model, args, z, keep, callback=None):
         hi = min(a + stride if a else context, length)          # this window: positions lo..hi-1
         lo = max(hi - context, 0)
 
-        def report(w, calls, noisy):
+        def report(w, calls, noisy):  # noisy may be a function: computed only for a callback
             if callback is not None:
+                noisy = noisy() if callable(noisy) else noisy
                 callback(torch.cat([out[:, :lo], w, z[:, hi:]], 1), nfe + calls,
                          torch.cat([torch.zeros_like(keep[:, :lo]), noisy, ~keep[:, hi:]], 1))
         w, calls = denoise(model, args, torch.cat([out[:, lo:], z[:, a:hi]], 1),
