@@ -5,12 +5,12 @@ sample.py and bench.py never branch on the method:
   vocab_size(K)                     ids the network embeds (no [MASK] here)
   train_loss(model, x, u, args, step, state) -> scalar, mean per token
   eval_nll(model, x, u, args)       -> (NLL per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 """
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, sample_categorical, top_p_filter
+from model import KVCache, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = True  # eval_nll is the exact NLL, not a bound
 
@@ -44,15 +44,13 @@ def next_token(logits, args):
 
 
 @torch.no_grad()
-def sample(model, args, n, length, prompt=None, device='cpu'):
-    """Continue prompt (n, P), P >= 1, to `length` tokens, left to right.
-    With args.cache each step runs the network on the new token only."""
-    if prompt is None or prompt.shape[1] == 0:
-        raise ValueError('AR sampling needs a prompt of at least one token (e.g. end-of-text)')
-    x, nfe = prompt, 0
-    cache = KVCache(length) if getattr(args, 'cache', True) else None
+def denoise(model, args, z, keep, report):
+    """Continue the kept prefix of z (n, l) to l tokens, left to right. With
+    args.cache each step runs the network on the new token only."""
+    x, nfe = z[:, :int(keep[0].sum())], 0   # keep is a prefix: AR refuses fixed=
+    cache = KVCache(z.shape[1]) if getattr(args, 'cache', True) else None
     new = x  # tokens the network has not seen yet
-    while x.shape[1] < length:
+    while x.shape[1] < z.shape[1]:
         if cache is not None:  # the new tokens only; the cache holds the rest
             logits = model(new, causal=True, cache=cache)[:, -1]
         else:                  # the whole prefix again (output layer at the last position only)
@@ -60,7 +58,17 @@ def sample(model, args, n, length, prompt=None, device='cpu'):
             last[:, -1] = True
             logits = model(x, causal=True, select=last)
         nfe += 1
-        tok = next_token(logits, args)[:, None]
-        x = torch.cat([x, tok], dim=1)
-        new = tok
+        new = next_token(logits, args)[:, None]
+        x = torch.cat([x, new], dim=1)
+        unwritten = (torch.arange(z.shape[1], device=z.device) >= x.shape[1]).expand_as(z)
+        report(torch.cat([x, z[:, x.shape[1]:]], 1), nfe, unwritten)
     return x, nfe
+
+
+@torch.no_grad()
+def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None):
+    """Continue prompt (n, P), P >= 1, to `length` tokens. Past the context, each
+    window continues the tail of the text so far in a fresh KV cache (model.in_windows)."""
+    if prompt is None or prompt.shape[1] == 0 or fixed is not None:
+        raise ValueError('AR conditions on a prompt of >= 1 token (e.g. end-of-text) only: no fixed= (infilling)')
+    return in_windows(denoise, model, args, *start_tokens(n, length, args.vocab_size, prompt, None, device), callback)

@@ -27,7 +27,7 @@ Same four functions as ar.py, mdlm.py and esolm.py:
   vocab_size(K)                     K: no [MASK]
   train_loss(model, x, u, args, step, state) -> scalar, mean per token
   eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 """
 import copy
 import functools
@@ -37,7 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from model import sample_categorical, top_p_filter, unwrap
+from model import in_windows, sample_categorical, start_tokens, top_p_filter, unwrap
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps (GUIDE §1)
@@ -54,7 +54,7 @@ def add_args(parser):  # parser: the 'duo options' group of train.py / sample.py
     parser.add_argument('--distill-from', default=None, help='Duo checkpoint to distill (DCD); the student starts from it')
     parser.add_argument('--teacher-every', type=int, default=10_000, help='DCD: refresh the teacher every N steps')
     parser.add_argument('--distill-T', type=int, default=512, help='DCD: dt = 2^round / T (default: 512)')
-    parser.add_argument('--greedy-tail', action='store_true', help='sampling: the last step takes argmax x_theta')
+    parser.add_argument('--greedy-tail', action='store_true', help='sampling: noise removal takes argmax x_theta')
 
 
 def vocab_size(K):
@@ -309,31 +309,32 @@ def posterior(p, z, alpha_t, alpha_s, K):
 
 
 @torch.no_grad()
-def sample(model, args, n, length, prompt=None, device='cpu'):
-    """Ancestral sampling from uniform noise: T steps on t = linspace(1, 0, T+1),
-    each drawing z_s ~ q(z_s | z_t, x_theta(z_t)) (nucleus-filtered); the last
-    step reaches alpha = 1. --greedy-tail: the last step takes argmax x_theta.
-    prompt (n, P): clean prefix, kept. No cache (sigma changes every step): NFE = T."""
-    K, T = args.vocab_size, getattr(args, 'steps', length)
+def denoise(model, args, z, keep, report):
+    """Ancestral sampling from uniform noise as in the seed: T steps on t = linspace(1, 1e-5, T+1),
+    each drawing z_s ~ q(z_s | z_t, x_theta(z_t)) (nucleus-filtered), then noise removal: one more
+    call at t = 1e-5 and a draw at alpha_s = 1 (--greedy-tail: argmax x_theta). NFE = T + 1. Kept
+    tokens are clamped at every step. report(z, nfe, noisy), noisy: tokens unlike argmax x_theta."""
+    K, T = args.vocab_size, getattr(args, 'steps', None) or z.shape[1]
     top_p, greedy = getattr(args, 'top_p', 1.0), getattr(args, 'greedy_tail', False)
     dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32
-    if T < 1:
-        raise ValueError(f'--steps must be >= 1, got {T}')
-    z = torch.randint(0, K, (n, length), device=device)  # the prior: uniform tokens
-    P = 0
-    if prompt is not None:
-        if prompt.dim() != 2 or prompt.shape[0] != n or prompt.shape[1] > length:
-            raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
-        P = prompt.shape[1]
-        z[:, :P] = prompt
-    ts = torch.linspace(1, 0, T + 1, dtype=torch.float64)
-    for i in range(T):
-        alpha_t, alpha_s = schedule(ts[i])[0].item(), schedule(ts[i + 1])[0].item()
-        sigma = torch.full((n,), -math.log(alpha_t), device=device)
+    z = torch.where(keep, z, torch.randint_like(z, K))  # the prior: uniform tokens
+    alphas = schedule(torch.linspace(1, 1e-5, T + 1, dtype=torch.float64))[0].tolist() + [1.0]
+    for i, (alpha_t, alpha_s) in enumerate(zip(alphas[:-1], alphas[1:])):
+        sigma = torch.full((z.shape[0],), -math.log(alpha_t), device=z.device)
         p = model(z, sigma=sigma)[..., :K].to(dtype).softmax(-1)   # x_theta
-        if greedy and i == T - 1:
+        if greedy and alpha_s == 1:
             z_s = p.argmax(-1)
         else:
             z_s = sample_categorical(top_p_filter(posterior(p, z, alpha_t, alpha_s, K), top_p))
-        z = torch.cat([z[:, :P], z_s[:, P:]], 1)
-    return z, T
+        z = torch.where(keep, z, z_s)
+        report(z, i + 1, lambda: (z != p.argmax(-1)) & ~keep)   # no argmax unless traced
+    return z, T + 1
+
+
+@torch.no_grad()
+def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None):
+    """n sequences of `length` tokens; prompt (n, P) and fixed=(tokens, given) as in
+    mdlm.sample. Clamping the given tokens conditions only approximately: the network
+    was not trained to know which tokens are clean. Beyond the context: model.in_windows."""
+    z, keep = start_tokens(n, length, args.vocab_size, prompt, fixed, device)
+    return in_windows(denoise, model, args, z, keep, callback)

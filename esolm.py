@@ -34,14 +34,14 @@ Same four functions as ar.py, mdlm.py and duo.py:
   vocab_size(K)                     K real tokens + [MASK] (id K)
   train_loss(model, x, u, args, step, state) -> scalar, mean per token
   eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 """
 import math
 
 import torch
 
 from mdlm import loss_weight, mask_tokens, masked_cross_entropy, masked_subset, schedule
-from model import KVCache, sample_categorical, top_p_filter
+from model import KVCache, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
 EPS = 1e-3     # the same eps as MDLM (mdlm.schedule uses it)
@@ -236,34 +236,28 @@ def unmask_counts(n_masked, steps, alpha0):
 
 
 @torch.no_grad()
-def sample(model, args, n, length, prompt=None, device='cpu'):
-    """n sequences of `length` tokens, continuing prompt (n, P) if given. The whole
-    generation order is drawn up front: the prompt, then the diffusion tokens
-    (random positions), then the sequential ones (left to right); step i decides
-    the next counts[i] tokens of it. With args.cache each step runs the network
-    only on the tokens decided last step (committed to the cache) and the masked
-    ones being decided now; without it, on the whole sorted prefix."""
-    K, top_p = args.vocab_size, getattr(args, 'top_p', 1.0)
+def denoise(model, args, z, keep, report):
+    """Fill the positions of z (n, l) not kept. The generation order is drawn up front: the
+    kept (clean) tokens wherever they stand, the diffusion tokens (random positions), the
+    sequential ones (left to right); step i decides its next counts[i] tokens. With args.cache
+    each step runs the network only on the tokens decided last step (committed to the cache)
+    and those decided now. report(z, nfe, masked) after each step, in left-to-right positions."""
+    (n, length), K, top_p = z.shape, args.vocab_size, getattr(args, 'top_p', 1.0)
     cache = KVCache(length) if getattr(args, 'cache', True) else None
     dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32
     check_args(args)
-    P = 0 if prompt is None else prompt.shape[1]
-    if prompt is not None and (prompt.dim() != 2 or prompt.shape[0] != n or P > length):
-        raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
-
-    counts, left = unmask_counts(length - P, getattr(args, 'steps', length), getattr(args, 'alpha0', 1.0))
+    P = int(keep[0].sum())
+    if (keep.sum(1) != P).any():
+        raise ValueError('Eso-LM samples its rows in lockstep: give every row the same number of clean tokens')
+    counts, left = unmask_counts(length - P, getattr(args, 'steps', None) or length, getattr(args, 'alpha0', 1.0))
     counts += [1] * left                                     # sequential phase: one token per step
-    D = length - P - left                                    # tokens made by diffusion
-    rest = torch.rand(n, length - P, device=device).argsort(1) + P
-    order = torch.cat([torch.arange(P, device=device).expand(n, P),
-                       rest[:, :D], rest[:, D:].sort(1).values], 1)
-    z = torch.full((n, length), K, dtype=torch.long, device=device)  # in sorted order
-    if P:
-        z[:, :P] = prompt
+    order = sort_order(~keep)                                # clean first, the rest in random order
+    order[:, length - left:] = order[:, length - left:].sort(1).values   # the sequential ones left to right
+    z = z.gather(1, order)                                   # in sorted order
     done, cached, nfe = P, 0, 0   # tokens decided (a sorted prefix); tokens in the KV cache
     for k in counts:
         start = cached if cache is not None else 0
-        select = torch.zeros(n, done + k - start, dtype=torch.bool, device=device)
+        select = torch.zeros(n, done + k - start, dtype=torch.bool, device=z.device)
         select[:, -k:] = True                                # logits only for the tokens decided now
         logits = model(z[:, start:done + k], causal=True, positions=order[:, start:done + k],
                        cache=cache, select=select)
@@ -274,4 +268,14 @@ def sample(model, args, n, length, prompt=None, device='cpu'):
         probs = logits[:, :K].to(dtype).softmax(-1)          # zero masking: no [MASK], no padding
         z[:, done:done + k] = sample_categorical(top_p_filter(probs, top_p)).view(n, k)
         done += k
-    return torch.empty_like(z).scatter_(1, order, z), nfe    # back to left-to-right positions
+        x = torch.empty_like(z).scatter_(1, order, z)        # back to left-to-right positions
+        report(x, nfe, x == K)
+    return torch.empty_like(z).scatter_(1, order, z), nfe
+
+
+@torch.no_grad()
+def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None):
+    """n sequences of `length` tokens; prompt (n, P) and fixed=(tokens, given) as in
+    mdlm.sample. Beyond the context: model.in_windows."""
+    z, keep = start_tokens(n, length, args.vocab_size, prompt, fixed, device)
+    return in_windows(denoise, model, args, z, keep, callback)

@@ -30,14 +30,14 @@ Same four functions as ar.py, duo.py and esolm.py:
   vocab_size(K)                     K real tokens + [MASK] (id K)
   train_loss(model, x, u, args, step, state) -> scalar, mean per token
   eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu') -> (tokens (n, length), NFE)
+  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight,
 masked_subset.
 """
 import torch
 import torch.nn.functional as F
 
-from model import sample_categorical, top_p_filter
+from model import in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps: the schedule stops just short of all-masked (GUIDE §1)
@@ -49,8 +49,6 @@ def add_args(parser):  # a parser or argument group; esolm.py reads --loss and -
                              "the NELBO's alpha'/(1-alpha) weight; validation always reports the NELBO")
     parser.add_argument('--time-cond', action='store_true',
                         help='feed sigma_t = -log alpha_t to the network (off in the MDLM paper and the seed)')
-    parser.add_argument('--stride', type=int, default=None,
-                        help='sampling beyond the training context: new tokens per window (default: half of it)')
 
 
 def vocab_size(K):
@@ -157,18 +155,19 @@ def eval_nll(model, x, u, args):
 # sampling
 
 @torch.no_grad()
-def denoise(model, z, args):
-    """Fill every [MASK] of z (n, l) by ancestral sampling; other tokens are kept
-    (carry-over), which is how prompts and infilling condition the sampler.
-    T steps on t = linspace(1, 1e-5, T+1), then a noise-removal step to
-    alpha = 1 that reveals whatever is still masked. Returns (tokens, NFE)."""
+def denoise(model, args, z, keep, report):
+    """Fill the positions of z (n, l) that are not kept ([MASK]) by ancestral sampling;
+    kept tokens stay (carry-over), which is how prompts and infilling condition the
+    sampler. T steps on t = linspace(1, 1e-5, T+1), then a noise-removal step to
+    alpha = 1 that reveals whatever is still masked; report(z, nfe, masked) after
+    each step that reveals a token. Returns (tokens, NFE)."""
     K, T = args.vocab_size, getattr(args, 'steps', None) or z.shape[1]
     cache, top_p = getattr(args, 'cache', True), getattr(args, 'top_p', 1.0)
     dtype = torch.float64 if getattr(args, 'float64', True) else torch.float32
     if cache and getattr(args, 'time_cond', False):
         raise ValueError('the cached sampler reuses x_theta across steps, which is only valid '
                          'without time conditioning: sample this --time-cond model without it (--no-cache)')
-    z, masked = z.clone(), z == K
+    z, masked = z.clone(), ~keep
     left = int(masked.sum())  # tokens still masked
     t = torch.cat([torch.linspace(1, 1e-5, T + 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     alphas = schedule(t)[0].tolist()  # eps at t = 1 ... exactly 1 at the final t = 0
@@ -190,44 +189,16 @@ def denoise(model, z, args):
             where[masked] = reveal
             z[where] = sample_categorical(probs)
             masked, left = masked & ~where, left - revealed
+            report(z, nfe, masked)
         if revealed or not cache:  # else z, hence x_theta(z), is unchanged: reuse it
             logits = None
     return z, nfe
 
 
 @torch.no_grad()
-def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None):
-    """n sequences of `length` tokens. prompt (n, P): a clean prefix, kept.
-    fixed=(tokens, given), both (n, length): infilling, the tokens where
-    `given` is True are clean and kept. Longer than the training context
-    (args.block_size), it samples semi-autoregressively in windows of
-    block_size tokens: the first window, then repeatedly the last
-    block_size - new tokens so far as a clean prefix and new <= args.stride
-    fresh positions. args.steps (T) is per window; NFE counts them all."""
-    K = args.vocab_size
-    z = torch.full((n, length), K, dtype=torch.long, device=device)
-    keep = torch.zeros(n, length, dtype=torch.bool, device=device)
-    if prompt is not None:
-        if prompt.dim() != 2 or prompt.shape[0] != n or prompt.shape[1] > length:
-            raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
-        z[:, :prompt.shape[1]], keep[:, :prompt.shape[1]] = prompt, True
-    if fixed is not None:
-        tokens, given = fixed[0].to(device), fixed[1].to(device)
-        if tokens.shape != (n, length) or given.shape != (n, length):
-            raise ValueError(f'fixed=(tokens, given) must both be (n={n}, length={length})')
-        z, keep = torch.where(given, tokens, z), keep | given
-    if ((z[keep] < 0) | (z[keep] >= K)).any():
-        raise ValueError(f'prompt and fixed tokens must be ids in [0, {K}), the real vocabulary')
-    context = getattr(args, 'block_size', None) or length
-    if length <= context:
-        return denoise(model, z, args)
-    stride = getattr(args, 'stride', None) or context // 2
-    if not 0 < stride < context:
-        raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], got {stride}')
-    out, nfe = denoise(model, z[:, :context], args)
-    while out.shape[1] < length:
-        new = min(stride, length - out.shape[1])
-        window = torch.cat([out[:, out.shape[1] - (context - new):], z[:, out.shape[1]:out.shape[1] + new]], 1)
-        window, calls = denoise(model, window, args)
-        out, nfe = torch.cat([out, window[:, -new:]], 1), nfe + calls
-    return out, nfe
+def sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None):
+    """n sequences of `length` tokens. prompt (n, P): a clean prefix; fixed=(tokens, given), both
+    (n, length): infilling, tokens clean where given. Beyond the context in windows, and callback
+    (z, nfe, masked) after each step that reveals: model.in_windows."""
+    z, keep = start_tokens(n, length, args.vocab_size, prompt, fixed, device)
+    return in_windows(denoise, model, args, z, keep, callback)

@@ -258,3 +258,53 @@ def sample_categorical(probs):
     float32 noise visibly lowers the entropy of long samples (GUIDE §4)."""
     e = torch.empty_like(probs).exponential_()
     return (probs / e).argmax(dim=-1)
+
+
+def start_tokens(n, length, K, prompt=None, fixed=None, device='cpu'):
+    """A sampler's start: z (n, length), id K (MASK, or "not yet drawn") everywhere
+    but at the clean tokens given, and keep (n, length), True there. prompt (n, P):
+    a clean prefix; fixed=(tokens, given), both (n, length): infilling, clean where given."""
+    z = torch.full((n, length), K, dtype=torch.long, device=device)
+    keep = torch.zeros(n, length, dtype=torch.bool, device=device)
+    if prompt is not None:
+        if prompt.dim() != 2 or prompt.shape[0] != n or prompt.shape[1] > length:
+            raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
+        z[:, :prompt.shape[1]], keep[:, :prompt.shape[1]] = prompt, True
+    if fixed is not None:
+        tokens, given = fixed[0].to(device), fixed[1].to(device)
+        if tokens.shape != (n, length) or given.shape != (n, length):
+            raise ValueError(f'fixed=(tokens, given) must both be (n={n}, length={length})')
+        z, keep = torch.where(given, tokens, z), keep | given
+    if ((z[keep] < 0) | (z[keep] >= K)).any():
+        raise ValueError(f'prompt and fixed tokens must be ids in [0, {K}), the real vocabulary')
+    return z, keep
+
+
+def in_windows(denoise, model, args, z, keep, callback=None):
+    """Sample z (n, length), clean where keep, with denoise(model, args, z, keep, report) ->
+    (tokens, NFE), a method's sampler. Beyond the training context (args.block_size), window
+    by window: the first block_size positions, then the last block_size - new tokens so far as
+    a clean prefix and new <= args.stride (default: half the context) fresh positions. denoise
+    reports each step; callback(z, nfe, noisy) sees the whole sequence (noisy: not final yet)
+    and the NFE of all windows so far, at the start (nfe = 0) and after each step."""
+    length, context = z.shape[1], getattr(args, 'block_size', None) or z.shape[1]
+    stride = getattr(args, 'stride', None) or context // 2
+    if length > context and not 0 < stride < context:
+        raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], got {stride}')
+    out, nfe = z[:, :0], 0
+    if callback is not None:
+        callback(z, 0, ~keep)                                  # step 0: the given tokens only
+    while out.shape[1] < length:
+        a = out.shape[1]                                       # tokens done
+        hi = min(a + stride if a else context, length)          # this window: positions lo..hi-1
+        lo = max(hi - context, 0)
+
+        def report(w, calls, noisy):  # noisy may be a function: computed only for a callback
+            if callback is not None:
+                noisy = noisy() if callable(noisy) else noisy
+                callback(torch.cat([out[:, :lo], w, z[:, hi:]], 1), nfe + calls,
+                         torch.cat([torch.zeros_like(keep[:, :lo]), noisy, ~keep[:, hi:]], 1))
+        w, calls = denoise(model, args, torch.cat([out[:, lo:], z[:, a:hi]], 1),
+                           torch.cat([torch.ones_like(keep[:, lo:a]), keep[:, a:hi]], 1), report)
+        out, nfe = torch.cat([out, w[:, a - lo:]], 1), nfe + calls
+    return out, nfe

@@ -5,30 +5,20 @@
     python sample.py --ckpt out/mdlm-6M/ckpt.pt --steps 8,64,256 --judge out/ar-6M/ckpt.pt --json
     python sample.py --ckpt out/duo-6M/ckpt.pt --judge gpt2-large   # needs transformers (and a network once)
 
-Every sample starts with the end-of-text id (the start of a document), then
-the prompt; --length counts both. Prints the decoded samples, the number of
-network calls (NFE), seconds and tokens/s. --steps takes a list: one run per
-value, each from the same seed (the quality-vs-steps table in one call).
-
---judge scores the samples as the papers do (GUIDE §9):
-  generative perplexity = exp(mean over all generated tokens of
-      -log p_judge(token | everything before it)), the start token and the
-      prompt excluded from the mean (but seen as context);
-  entropy = the unigram entropy of each sample's generated tokens, in nats,
-      averaged over samples. Report it beside Gen PPL: repetitive text (low
-      entropy) has a deceptively low Gen PPL.
-The judge is an AR checkpoint of ours, which scores our token ids directly
-when it has the same tokenizer, or a Hugging Face causal LM name (gpt2-large,
-...). Otherwise the samples are decoded to text and re-tokenised for the
-judge (end-of-text ids map to the judge's end-of-text). Samples longer than
-the judge's context are scored in consecutive windows of that length, each
-conditioned on the last token of the previous window.
+Every sample starts with the end-of-text id, then the prompt; --length counts
+both. Prints the samples, the number of network calls (NFE), seconds and
+tokens/s. --steps takes a list: one run per value, each from the same seed.
+--judge scores the samples (generative perplexity and unigram entropy, as
+the papers do: README "Sample quality"). --infill "ROMEO: [10] my love [5]."
+fills gaps of 10 and 5 tokens (diffusion methods); --trace redraws the first
+sample after every step, --trace-html FILE writes its trajectory as a page.
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -59,10 +49,16 @@ def get_parser():
     p.add_argument('--num-samples', type=int, default=4)
     p.add_argument('--length', type=int, default=None, help='tokens per sample (default: the training context)')
     p.add_argument('--prompt', default='', help='text every sample continues')
+    p.add_argument('--infill', default=None, help='text with gaps to fill, [N] = N tokens: "ROMEO: [10] my love [5]."')
+    p.add_argument('--stride', type=int, default=None,
+                   help='beyond the training context: new tokens per window (default: half of it)')
     p.add_argument('--steps', default=None,
                    help='denoising steps T of diffusion samplers, or a list: 8,64,1024 (default: length, at most the context)')
     p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling (1.0 = off)')
     p.add_argument('--temperature', type=float, default=1.0, help='AR only')
+    p.add_argument('--trace', action='store_true', help='redraw the first sample after every step')
+    p.add_argument('--trace-every', type=int, default=1, help='--trace: redraw after every k-th step only')
+    p.add_argument('--trace-html', default=None, help='write the first sample\'s trajectory to this HTML page')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
                    help="use the method's cache (KV cache, or MDLM's skip-unchanged)")
@@ -204,19 +200,96 @@ def parse_steps(text, default):
     return steps
 
 
+def check_args(args):
+    """Out-of-range values: one line each, before any work."""
+    rules = [('--num-samples', args.num_samples >= 1, '>= 1'), ('--top-p', 0 < args.top_p <= 1, 'in (0, 1]'),
+             ('--length', args.length is None or args.length >= 1, '>= 1 (or omitted: the context)'),
+             ('--temperature', args.temperature > 0, '> 0'), ('--trace-every', args.trace_every >= 1, '>= 1'),
+             ('--stride', args.stride is None or 0 < args.stride < args.block_size,
+              f'in [1, {args.block_size - 1}] (the training context is {args.block_size})')]
+    for flag, ok, rule in rules:
+        if not ok:
+            raise SystemExit(f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+
+
+def parse_infill(text, tok):
+    """--infill 'ROMEO: [10] my love [5].' -> token ids and given (True: from the text,
+    False: a gap). [N] is a gap of N >= 1 tokens; brackets serve only for gaps."""
+    pieces, ids, given = re.split(r'\[(\d+)\]', text), [], []   # text, gap, text, gap, ..., text
+    if len(pieces) < 3 or min(int(g) for g in pieces[1::2]) < 1 or any(set('[]') & set(p) for p in pieces[::2]):
+        raise SystemExit(f"--infill '{text}': mark each gap as [N], N >= 1 tokens to fill, e.g. 'ROMEO: [10] my love [5].'")
+    for i, piece in enumerate(pieces):
+        new = [0] * int(piece) if i % 2 else tok.encode(piece)
+        ids, given = ids + new, given + [i % 2 == 0] * len(new)
+    return ids, given
+
+
+def tracer(tok, every, out=None):
+    """A sampler callback(z, nfe, noisy) that keeps the trajectory of the first sample,
+    frames = [(step, nfe, ids, marks)], marks one letter per token: m masked (shown
+    as a placeholder), d decided at this step (highlighted), n noisy (Duo: differs
+    from argmax x_theta; dimmed), c clean. With every > 0 it redraws every k-th
+    frame: in place with colours on a terminal, as plain text otherwise."""
+    frames, out = [], out or sys.stdout
+
+    def callback(z, nfe, noisy):
+        ids, noisy = z[0].tolist(), noisy[0].tolist()
+        before = frames[-1][2:] if frames else ([None] * len(ids), 'm' * len(ids))
+        marks = ''.join('m' if not 0 <= i < tok.vocab_size else 'n' if q else
+                        'd' if i != j or b in 'mn' else 'c' for i, q, j, b in zip(ids, noisy, *before))
+        frames.append((len(frames), nfe, ids, marks))   # step 0: the start
+        if every and (len(frames) - 1) % every == 0:
+            ansi = dict(m='\x1b[2m', d='\x1b[1;7m', n='\x1b[2m', c='', end='\x1b[0m', home='\x1b[H\x1b[J')
+            style = ansi if out.isatty() else dict.fromkeys(ansi, '')
+            text = ''.join(style[m] + ('_' if m == 'm' else tok.decode([i])) + style['end'] for i, m in zip(ids, marks))
+            out.write(style['home'] + f'--- step {len(frames) - 1} | NFE {nfe} ---\n{text}\n')
+            out.flush()
+    callback.frames = frames
+    return callback
+
+
+def write_trace_html(path, frames, tok, title):
+    """The trajectory as one self-contained page (inline CSS and JS, no network):
+    a slider over the steps. Written atomically (tmp name + rename)."""
+    pieces = {i: tok.decode([i]) for f in frames for i in set(f[2]) if 0 <= i < tok.vocab_size}
+    blob = json.dumps({'title': title, 'pieces': pieces, 'frames': frames}).replace('</', '<\\/')
+    page = f"""<!doctype html><meta charset="utf-8"><title>sample.py --trace-html</title><style>body{{font:15px
+monospace;margin:2em}} #t{{white-space:pre-wrap}} .m{{color:#bbb}} .d{{background:#ffd54f}} .n{{color:#999}}</style>
+<input id="s" type="range" min="0" style="width:100%"><p id="h"></p><div id="t"></div>
+<script>const D={blob}, s=document.getElementById('s'), t=document.getElementById('t'); s.max=D.frames.length-1; s.value=s.max;
+s.oninput=function(){{const [step,nfe,ids,marks]=D.frames[s.value]; t.textContent='';
+document.getElementById('h').textContent=D.title+': step '+step+' of '+s.max+' | NFE '+nfe; ids.forEach((id,k)=>{{
+const e=t.appendChild(document.createElement('span')); e.className=marks[k]; e.textContent=marks[k]=='m'?'_':D.pieces[id];}})}};
+s.oninput();</script>\n"""
+    with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
+        f.write(page)
+    os.replace(f.name, path)
+
+
 def main(argv=None):
     parser, method_flags = get_parser()
-    args, _ = parse_with_checkpoint(parser, method_flags, argv)
-    model, ckpt = load_model(args.ckpt, args.device)
-    algo = load_algo(ckpt['algo'])
+    args, ckpt = parse_with_checkpoint(parser, method_flags, argv)
     args.vocab_size, args.block_size = ckpt['meta']['vocab_size'], ckpt['args']['block_size']
+    check_args(args)
+    tok = data.get_tokenizer(ckpt['meta']['tokenizer'])
+    prompt, fixed, n = [tok.eot] + tok.encode(args.prompt), None, args.num_samples
+    if args.infill is not None:
+        if ckpt['algo'] == 'ar':
+            raise SystemExit('--infill needs a diffusion model (mdlm, duo, esolm): AR writes left to right, use --prompt')
+        ids, given = parse_infill(args.infill, tok)
+        ids, given = prompt + ids, [True] * len(prompt) + given   # the prompt, then the text with gaps
+        args.length = args.length or len(ids)
+        if len(ids) > args.length:
+            raise SystemExit(f'--infill makes {len(ids)} tokens (with the start token), more than --length {args.length}')
+        pad = args.length - len(ids)   # free positions after the text
+        fixed = torch.tensor(ids + [0] * pad).expand(n, -1), torch.tensor(given + [False] * pad).expand(n, -1)
     args.length = args.length or args.block_size
     steps_list = parse_steps(args.steps, min(args.length, args.block_size))  # diffusion steps per window
-    tok = data.get_tokenizer(ckpt['meta']['tokenizer'])
-    prompt = torch.tensor([tok.eot] + tok.encode(args.prompt), device=args.device)
     if len(prompt) >= args.length:
         raise SystemExit(f'the prompt has {len(prompt)} tokens, not fewer than --length {args.length}')
-    prompt = prompt.expand(args.num_samples, -1)
+    prompt = torch.tensor(prompt, device=args.device).expand(n, -1)
+    model, ckpt = load_model(args.ckpt, args.device)
+    algo = load_algo(ckpt['algo'])
     judge = load_judge(args.judge, args.device) if args.judge else None  # fail before sampling
     autocast = contextlib.nullcontext() if args.dtype == 'float32' else \
         torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype))
@@ -224,15 +297,18 @@ def main(argv=None):
     for steps in steps_list:
         args.steps = steps
         torch.manual_seed(args.seed)
+        trace = tracer(tok, args.trace_every if args.trace else 0) if args.trace or args.trace_html else None
         t0 = time.perf_counter()
         with autocast:
             try:
-                tokens, nfe = algo.sample(model, args, args.num_samples, args.length, prompt, device=args.device)
+                tokens, nfe = algo.sample(model, args, n, args.length, prompt, args.device, fixed=fixed, callback=trace)
             except ValueError as e:  # a sampler refusing its options: one line, no traceback
                 raise SystemExit(str(e)) from None
         if args.device.startswith('cuda'):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        if args.trace_html:
+            write_trace_html(args.trace_html, trace.frames, tok, f'{ckpt["algo"]} {args.ckpt}, {steps} steps')
         for i, row in enumerate(tokens.tolist()[:args.show]):
             print(f'--- sample {i} ---')
             print(tok.decode([t for t in row if t < tok.vocab_size]))

@@ -47,7 +47,7 @@ def test_sampler_reproduces_the_distribution():
     seqs, probs = toy_distribution(K, L, seed=2)
     S = 20000
     first = seqs[torch.multinomial(probs, S, replacement=True), :1]  # X_1 from its marginal
-    args = argparse.Namespace(cache=False, top_p=1.0, temperature=1.0, float64=True)
+    args = argparse.Namespace(vocab_size=K, cache=False, top_p=1.0, temperature=1.0, float64=True)
     samples, nfe = ar.sample(oracle(seqs, probs), args, S, L, prompt=first)
     assert nfe == L - 1
     # TV of an exact sampler with S draws over 81 cells is ~0.03; a wrong one is far above
@@ -60,7 +60,7 @@ def test_kv_cache_sampling_equals_full_recompute():
     model = DiT(get_config('tiny', 50)).eval()
     for p in model.parameters():  # leave the zero init so the output depends on the input
         torch.nn.init.normal_(p, std=0.3)
-    args = argparse.Namespace(cache=True, top_p=0.9, temperature=1.0, float64=True)
+    args = argparse.Namespace(vocab_size=50, cache=True, top_p=0.9, temperature=1.0, float64=True)
     prompt = torch.randint(0, 50, (3, 5))
     torch.manual_seed(1)
     a, nfe_a = ar.sample(model, args, 3, 40, prompt)

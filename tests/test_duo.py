@@ -162,13 +162,13 @@ def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
 
 
 def sampler_law(model, seqs, T):
-    """The exact law of the T-step sampler (no sampling noise): propagate the
-    distribution over all K^L states through the product-form transition kernel."""
+    """The exact law of the sampler (no sampling noise): T steps from t = 1 to 1e-5,
+    then noise removal to alpha = 1; propagate the distribution over all K^L
+    states through the product-form transition kernel."""
     N = len(seqs)
     law = torch.full((N,), 1 / N, dtype=torch.float64)  # uniform prior
-    ts = torch.linspace(1, 0, T + 1, dtype=torch.float64)
-    for t, s in zip(ts[:-1], ts[1:]):
-        a_t, a_s = duo.schedule(t)[0].item(), duo.schedule(s)[0].item()
+    alphas = duo.schedule(torch.linspace(1, 1e-5, T + 1, dtype=torch.float64))[0].tolist() + [1.0]
+    for a_t, a_s in zip(alphas[:-1], alphas[1:]):
         p = model(seqs, sigma=torch.full((N,), -math.log(a_t), dtype=torch.float64)).exp()
         q = duo.posterior(p, seqs, a_t, a_s, K)  # (N, L, K)
         M = torch.ones(N, N, dtype=torch.float64)
@@ -189,7 +189,7 @@ def test_sampler_of_the_leave_one_out_posterior_converges_to_the_data():
     # sample() draws from that law
     torch.manual_seed(0)
     samples, nfe = duo.sample(noisy_oracle(seqs, probs), args_for(steps=16), 20000, L)
-    assert nfe == 16
+    assert nfe == 16 + 1  # T steps and the noise removal call
     law = sampler_law(noisy_oracle(seqs, probs), seqs, 16)
     assert total_variation(samples, seqs, law) < 0.025  # sampling noise ~0.015
 
@@ -200,7 +200,7 @@ def test_prompt_is_kept_and_the_rest_is_conditional():
     S = 10000
     first = seqs[torch.multinomial(probs, S, replacement=True), :1]  # x_1 from its marginal
     samples, nfe = duo.sample(noisy_oracle(seqs, probs, clean_prefix=1), args_for(steps=16), S, L, prompt=first)
-    assert torch.equal(samples[:, :1], first) and nfe == 16
+    assert torch.equal(samples[:, :1], first) and nfe == 17
     # measured 0.020; an oracle blind to the clean prompt gives 0.11, overwriting x_1
     # of unconditional samples 0.34
     assert total_variation(samples, seqs, probs) < 0.05
@@ -217,16 +217,15 @@ def test_greedy_tail_top_p_and_nfe():
 
     torch.manual_seed(0)
     out, nfe = duo.sample(model, args_for(steps=4, greedy_tail=True), 500, 6)
-    assert nfe == 4 and (out == pattern).all()  # the last step is argmax x_theta
+    assert nfe == 4 + 1 and (out == pattern).all()  # noise removal: one more call, argmax x_theta
     out, _ = duo.sample(model, args_for(steps=4), 500, 6)
     assert not (out == pattern).all()
-    # one step from t = 1 to 0: q(z_0) is x_theta up to 0.3%; the nucleus 0.7 keeps 0.6 and 0.25
+    # one step from t = 1 to 1e-5: q(z_s) is x_theta up to 0.3%; the nucleus 0.7 keeps 0.6 and 0.25;
+    # the noise removal from alpha = 1 - 1e-5 to 1 keeps z with probability ~1
     out, nfe = duo.sample(model, args_for(steps=1, top_p=0.7), 4000, 6)
-    assert nfe == 1
+    assert nfe == 2
     assert ((out - pattern) % K != 2).all()
     assert 0.68 < (out == pattern).double().mean().item() < 0.73  # 0.6 / 0.85 = 0.706
-    with pytest.raises(ValueError):
-        duo.sample(model, args_for(steps=0), 2, 6)
 
 
 # ----------------------------------------------------------------------------

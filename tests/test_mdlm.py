@@ -225,7 +225,7 @@ def test_semi_autoregressive_beyond_the_context(monkeypatch):
     K, n, context, stride, length = 20, 2, 16, 6, 40
     windows, calls = [], []
     denoise = mdlm.denoise
-    monkeypatch.setattr(mdlm, 'denoise', lambda model, z, args: windows.append(z.clone()) or denoise(model, z, args))
+    monkeypatch.setattr(mdlm, 'denoise', lambda model, args, z, *a: windows.append(z.clone()) or denoise(model, args, z, *a))
     args = argparse.Namespace(vocab_size=K, steps=8, cache=True, top_p=1.0, float64=True,
                               block_size=context, stride=stride)
     prompt = torch.randint(0, K, (n, 3))
