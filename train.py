@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -45,12 +44,7 @@ AT_LEAST = dict(micro_batch_size=1, batch_size=1, block_size=2, eval_interval=1,
 def load_algo(name):
     if name not in ALGOS:
         raise SystemExit(f"unknown algorithm '{name}': choose one of {', '.join(ALGOS)}")
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            raise SystemExit(f"algorithm '{name}' is not implemented yet ({name}.py is missing)") from None
-        raise
+    return importlib.import_module(name)
 
 
 def get_parser():
@@ -98,8 +92,7 @@ def get_parser():
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
                    help='torch.compile the network (default: on with CUDA)')
     for name in ALGOS:  # each method's own flags
-        with contextlib.suppress(SystemExit):
-            load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+        load_algo(name).add_args(p.add_argument_group(f'{name} options'))
     return p
 
 
@@ -147,8 +140,7 @@ def seed_for(*keys):
 
 
 def get_lr(step, args):
-    warmup = args.warmup_iters if args.warmup_iters is not None else \
-        min(max(args.max_iters // 100, 100), args.max_iters // 5)
+    warmup = args.warmup_iters
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, args.max_iters - warmup))
@@ -202,23 +194,15 @@ def load_checkpoint(path, algo=None):
     return ckpt
 
 
-def read_row(line):
-    try:
-        return json.loads(line)
-    except ValueError:  # a line cut short by a kill
-        return None
-
-
 def check_out_dir(a):
     """Never replace a run by accident; refuse a folder that cannot be written, now."""
     if os.path.exists(os.path.join(a.out_dir, 'ckpt.pt')) and not (a.resume or a.overwrite):
         raise SystemExit(f'{a.out_dir} holds a run (ckpt.pt): pass --resume to continue it, '
                          f'--overwrite to start over, or another --out-dir')
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(a.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=a.out_dir).close()
-    except OSError as e:
-        raise SystemExit(f'cannot write to --out-dir {a.out_dir} ({e.strerror}): pass another --out-dir') from None
+    if not os.access(a.out_dir, os.W_OK) or not os.path.isdir(a.out_dir):
+        raise SystemExit(f'cannot write to --out-dir {a.out_dir}: pass another --out-dir')
 
 
 SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')
@@ -257,6 +241,8 @@ class Trainer:
         self.flops_per_seq = flops_per_token(self.cfg, a.block_size) * a.block_size
         if a.flops:  # GUIDE §7: steps = budget / (3 x forward FLOPs per sequence x global batch)
             a.max_iters = max(1, int(a.flops / (3 * self.flops_per_seq * a.batch_size)))
+        if a.warmup_iters is None:  # max(1% of steps, 100), at most 20%
+            a.warmup_iters = min(max(a.max_iters // 100, 100), a.max_iters // 5)
         with torch.device('meta'):
             m = DiT(self.cfg)
         return {'algo': a.algo, 'size': a.size, 'params': m.num_params(),
@@ -333,8 +319,7 @@ class Trainer:
             try:
                 self.opt.load_state_dict(ckpt['optimizer'])
             except ValueError:  # other parameter groups
-                raise SystemExit(f"{self.ckpt_path} was trained with --decay "
-                                 f"{ckpt['args'].get('decay', 'matrices')}: pass it to resume") from None
+                raise SystemExit(f"pass --decay {ckpt['args'].get('decay', 'matrices')} to resume this run") from None
             if self.ema is not None and ckpt.get('ema') is not None:
                 self.ema.load_state_dict(ckpt['ema'])
             self.step, self.best_val = ckpt['step'], ckpt['best_val_loss']
@@ -366,11 +351,10 @@ class Trainer:
         """Keep the log rows written before the checkpoint this run starts from (none for a new
         run), so a resumed run logs as one; its evaluation at that step runs again."""
         path = os.path.join(self.args.out_dir, 'log.jsonl')
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            rows = [r for r in map(read_row, f) if r is not None and (
-                r.get('step', 0) < self.step or (r.get('step') == self.step and 'val_loss' not in r))]
+        with open(path, 'a+') as f:
+            f.seek(0)  # a last line cut short by a kill has no newline
+            rows = [r for r in map(json.loads, (line for line in f if line.endswith('\n'))) if
+                    r.get('step', 0) < self.step or (r.get('step') == self.step and 'val_loss' not in r)]
         tmp = f'{path}.{os.getpid()}.tmp'
         with open(tmp, 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
@@ -481,6 +465,8 @@ def main(argv=None):
         d = data.dataset_dir(args.dataset, args.tokenizer)  # epochs only if prepared: preparing can be slow
         n = data.num_tokens(d, 'train') if os.path.exists(os.path.join(d, 'meta.json')) else None
         plan['epochs'] = args.max_iters * plan['global_batch_tokens'] / n if n else 'unknown (not prepared yet)'
+        plan.update({k: getattr(args, k) for k in ('warmup_iters', *DEFAULTS, *DISTILL, 'decay')
+                     if getattr(args, k, None) is not None})
         if trainer.master:
             for k, v in plan.items():
                 print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
