@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import train
-from model import DiT, Config, SIZES, flops_per_token
+from model import DiT, Config, flops_per_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -265,17 +265,14 @@ def main(argv=None):
     args.algos = parse_list(args.algos, str, '--algos')
     args.sizes = parse_list(args.sizes, str, '--sizes')
     args.flops = parse_list(args.flops, float, '--flops')
-    for size in args.sizes:
-        if size not in SIZES:
-            raise SystemExit(f"--sizes: unknown size '{size}': choose from {', '.join(SIZES)}")
     if len(set(args.sizes)) < 3:
         raise SystemExit(f'--sizes: give at least 3 sizes (a parabola needs them), got {len(set(args.sizes))}')
     if not all(c > 0 for c in args.flops):
         raise SystemExit(f'--flops: budgets must be > 0, got {args.flops}')
     if any(e.split('=')[0] in ('--algo', '--size', '--max-iters') for e in extra):
         raise SystemExit('scaling.py sets --algo, --size and the steps of each run: pass --algos, --sizes and --flops')
-    for algo in args.algos:  # train.py's flags, each method's included, get one line now, not after a run
-        train.parse_args(train_argv(algo, args.sizes[0], args.flops[0], args.out_dir, extra))
+    for algo, size in [(a, s) for a in args.algos for s in args.sizes]:  # train.py's checks, before any run
+        train.parse_args(train_argv(algo, size, args.flops[0], args.out_dir, extra))
     if not args.fit_only:
         run_grid(args, extra)
         if args.print_commands:
