@@ -202,10 +202,8 @@ def table(fits, rows):
         cells = ['needs optima inside the sizes at 2 budgets', ''] if law is None else \
             [f"a = {law['a']:.3f} (k = {law['k']:.3g})", f"b = {law['b']:.4f} (c = {law['c']:.3g})"]
         lines.append(f"| {algo} | {' | '.join(cells)} | {f['fitted']} |")
-    lines += ['', 'N: the parameters a token passes through (forward FLOPs per token / 2), so C = 6 N D. '
-              'AR losses are exact NLL per token; the others are NELBO upper bounds (<=). N*, L*: the vertex of '
-              'the parabola fitted to loss against log N at that budget, reported (and fitted) only when it lies '
-              'within the sizes trained; "below/above the sizes tried": the grid does not bracket the optimum.']
+    lines += ['', 'N: forward FLOPs per token / 2, so C = 6 N D. AR: exact NLL; the others: NELBO bounds (<=). '
+              'N*, L*: the vertex of the parabola in log N, kept only within the sizes trained at that budget.']
     return '\n'.join(lines)
 
 
