@@ -140,7 +140,7 @@ def seed_for(*keys):
 
 
 def get_lr(step, args):
-    warmup = args.warmup_iters
+    warmup = args.warmup_iters  # resolved by Trainer.plan
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, args.max_iters - warmup))
@@ -173,7 +173,7 @@ def compile_model(model):
 
 
 def save_checkpoint(path, ckpt):
-    tmp = path + '.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
