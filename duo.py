@@ -52,8 +52,8 @@ def add_args(parser):  # parser: the 'duo options' group of train.py / sample.py
     parser.add_argument('--gamma-max', type=float, default=None,
                         help='gamma at t = 1 (default: -1.85 curriculum, -1 distillation)')
     parser.add_argument('--distill-from', default=None, help='Duo checkpoint to distill (DCD); the student starts from it')
-    parser.add_argument('--teacher-every', type=int, default=10_000, help='DCD: refresh the teacher every N steps')
-    parser.add_argument('--distill-T', type=int, default=512, help='DCD: dt = 2^round / T (default: 512)')
+    parser.add_argument('--teacher-every', type=int, default=None, help='DCD: refresh the teacher every N steps (default: 10000)')
+    parser.add_argument('--distill-T', type=int, default=None, help='DCD: dt = 2^round / T (default: 512)')
     parser.add_argument('--greedy-tail', action='store_true', help='sampling: noise removal takes argmax x_theta')
 
 

@@ -1,26 +1,14 @@
-"""Validation likelihood of any checkpoint, with a confidence interval.
+"""Validation likelihood of any checkpoint, with a confidence interval (README, "Likelihood").
 
     python eval.py --ckpt out/mdlm-6M/ckpt.pt                       # the held-out split of its dataset
     python eval.py --ckpt out/mdlm-6M/ckpt.pt --dataset ~/texts/    # zero-shot: another dataset, same command
     python eval.py --ckpt out/esolm-6M/ckpt.pt --max-batches 200 --repeats 4 --json
 
-The split is cut into consecutive windows of --block-size tokens (default:
-the training context); up to --max-batches batches of them, spread evenly
-over the split, are each scored with the method's eval_nll. For AR that is
-the exact NLL of every token given the ones before it in its window (the
-first token is context only), so exp(mean) is the model's perplexity. For
-MDLM, Duo and Eso-LM it is one Monte Carlo draw of the NELBO (a time t per
-window, antithetic over the batch, and a noisy z_t): an unbiased estimate of
-an upper bound on the NLL, so exp(mean) is a perplexity bound, written "<=".
---repeats averages more draws per window.
-
-The estimate is the mean per token over batches; its 95% confidence interval
-is mean +- 1.96 SE, SE = the standard deviation of the per-batch means /
-sqrt(number of batches). The spread between batches holds both the Monte
-Carlo noise of the bound and the variation between windows of text, so the
-interval covers the NLL (NELBO) per token of text like this split's, not only
-the noise of this one evaluation. Perplexity intervals are exp of its ends.
-With fewer than ~30 batches the normal interval is too narrow (it says so).
+Consecutive windows of the split (up to --max-batches batches, spread over
+it) are scored with the method's eval_nll: AR's exact NLL, or for MDLM, Duo
+and Eso-LM a Monte Carlo draw of the NELBO, an upper bound (printed "PPL <=").
+The 95% interval is mean +- 1.96 SE over batches: it holds the Monte Carlo
+noise and the variation between windows; under ~30 batches it is too narrow.
 """
 import argparse
 import contextlib
@@ -95,9 +83,13 @@ def summarize(per_batch):
 
 def main(argv=None):
     parser, method_flags = get_parser()
+    pre = parser.parse_known_args(argv)[0]  # bad values get one line before the checkpoint loads
+    for k, lo in dict(block_size=2, batch_size=1, max_batches=1, repeats=1).items():
+        if getattr(pre, k) is not None and getattr(pre, k) < lo:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(pre, k)}")
+    if pre.device.startswith('cuda') and not ON_GPU:
+        raise SystemExit(f'--device {pre.device}: no CUDA device here: use --device cpu')
     args, ckpt = parse_with_checkpoint(parser, method_flags, argv)
-    if args.repeats < 1 or args.max_batches < 1:
-        raise SystemExit('--repeats and --max-batches must be at least 1')
     algo = load_algo(ckpt['algo'])
     model, _ = load_model(args.ckpt, args.device)
     tokenizer = ckpt['meta']['tokenizer']

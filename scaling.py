@@ -4,34 +4,13 @@
     python scaling.py ... --print-commands      # one train.py command per pending run, for a cluster
     python scaling.py ... --tokenizer byte --block-size 64 --batch-size 8   # unknown flags go to train.py
 
-The method of Chinchilla (Hoffmann et al. 2022, "approach 2"), as the seed
-uses it. For every FLOPs budget C, train every size N with exactly that
-compute (train.py --flops sets the steps, so the tokens are D = C / 6N) and
-record the final validation loss: an iso-FLOP curve. Too small a model
-underfits; too large a one sees too few tokens; in between, loss against
-log N is close to a parabola,
-
-    L(N; C) ~ L*(C) + h (log N - log N*(C))^2,
-
-whose vertex gives the compute-optimal size N*(C) and loss L*(C). Across
-budgets they follow power laws, fitted as straight lines in log-log:
-
-    N*(C) = k C^a,   L*(C) = c C^b,   (and D*(C) = C / 6 N*(C) ~ C^(1-a)).
-
-N is what C = 6 N D counts: the parameters a token passes through, i.e. the
-forward FLOPs per token / 2 of model.flops_per_token (every block matrix,
-the output layer and the adaLN modulation amortised over the sequence; not
-the input embedding, a lookup). For AR the loss is the exact NLL; for the
-diffusion methods it is their NELBO, an upper bound, so their curves are
-bounds too.
-
-Each run lives in OUT_DIR/<algo>-<size>-<C>/. A run counts as done when its
-checkpoint has reached its last step and its log holds the final validation
-loss, so rerunning the same command resumes a partly done grid (an
-interrupted run continues from its checkpoint: --resume auto). Writes
-OUT_DIR/runs.csv (one row per run), OUT_DIR/optima.csv (per method and
-budget), OUT_DIR/scaling.md (the table) and OUT_DIR/scaling.png (needs the
-optional matplotlib).
+Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at
+every budget C each size N trains with train.py --flops C (so D = C / 6N
+tokens) in OUT_DIR/<algo>-<size>-<C>/; a parabola of the final validation
+loss in log N has its vertex at (N*(C), L*(C)), and across budgets
+N* = k C^a, L* = c C^b. Rerunning a command skips the finished runs and
+resumes the others (--resume auto). Writes runs.csv, optima.csv, scaling.md
+and scaling.png (needs the optional matplotlib) in OUT_DIR.
 """
 import argparse
 import csv
@@ -47,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+import train
 from model import DiT, Config, flops_per_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,8 +72,7 @@ def train_argv(algo, size, flops, out_dir, extra):
 # running the grid and collecting its results
 
 def read_result(path):
-    """The finished run in folder `path` as a dict (a row of runs.csv), or None
-    if it has not reached its last step with a final validation loss."""
+    """The finished run in `path` as a row of runs.csv; None before its last step's validation loss."""
     ckpt_path, log_path = os.path.join(path, 'ckpt.pt'), os.path.join(path, 'log.jsonl')
     if not (os.path.exists(ckpt_path) and os.path.exists(log_path)):
         return None
@@ -104,14 +83,12 @@ def read_result(path):
     if step < a['max_iters'] or not val:
         return None
     cfg = Config(**ckpt['config'])
-    fpt = flops_per_token(cfg, a['block_size'])
-    tokens = step * a['batch_size'] * a['block_size']
+    fpt, tokens = flops_per_token(cfg, a['block_size']), step * a['batch_size'] * a['block_size']
     with torch.device('meta'):
         net = DiT(cfg)
     return dict(algo=ckpt['algo'], size=a['size'], flops_budget=a['flops'], params=fpt / 2,
                 params_total=net.num_params(), params_non_embedding=net.num_params(embeddings=False),
-                tokens=tokens, steps=step,
-                flops_used=3 * fpt * tokens, val_loss=val[-1], run_dir=path)
+                tokens=tokens, steps=step, flops_used=3 * fpt * tokens, val_loss=val[-1], run_dir=path)
 
 
 def run_train(argv, log_file):
@@ -144,14 +121,8 @@ def run_grid(args, extra):
 
 
 def collect(args):
-    rows = []
-    for c in args.flops:
-        for a in args.algos:
-            for s in args.sizes:
-                r = read_result(run_dir(args.out_dir, a, s, c))
-                if r is not None:
-                    rows.append(r)
-    return rows
+    found = (read_result(run_dir(args.out_dir, a, s, c)) for c in args.flops for a in args.algos for s in args.sizes)
+    return [r for r in found if r is not None]
 
 
 def write_csv(path, rows):
@@ -165,9 +136,8 @@ def write_csv(path, rows):
 # the fits
 
 def fit_parabola(log_n, loss):
-    """Least-squares L = p2 x^2 + p1 x + p0 in x = log N; returns the vertex
-    (log N*, L*), or None when there are fewer than 3 sizes or the curve has
-    no minimum (p2 <= 0: the optimum lies beyond the sizes tried)."""
+    """The vertex (log N*, L*) of the least-squares L = p2 x^2 + p1 x + p0 in x = log N;
+    None with fewer than 3 sizes or no minimum (p2 <= 0)."""
     if len(set(log_n)) < 3:
         return None
     p2, p1, p0 = np.polyfit(log_n, loss, 2)
@@ -184,11 +154,8 @@ def fit_power_law(c, y):
 
 
 def fit(rows):
-    """Per method: the vertex of every budget's iso-FLOP parabola, then the
-    power laws N* = k C^a and L* = c C^b through the vertices that lie within
-    the sizes trained at their budget (None with fewer than 2 of those). A
-    vertex outside them is an extrapolation of three noisy points, not a
-    measurement: the grid must bracket the optimum (Chinchilla's rule)."""
+    """Per method: every budget's vertex, then N* = k C^a and L* = c C^b through the vertices
+    within the sizes trained (a vertex outside them is an extrapolation, not a measurement)."""
     out = {}
     for algo in dict.fromkeys(r['algo'] for r in rows):
         optima = []
@@ -206,8 +173,7 @@ def fit(rows):
         laws = None
         if len(bracketed) >= 2:
             cs = [o['flops'] for o in bracketed]
-            (a, k), (b, c0) = fit_power_law(cs, [o['n_opt'] for o in bracketed]), \
-                fit_power_law(cs, [o['l_opt'] for o in bracketed])
+            (a, k), (b, c0) = (fit_power_law(cs, [o[key] for o in bracketed]) for key in ('n_opt', 'l_opt'))
             laws = dict(a=a, k=k, b=b, c=c0)
         out[algo] = dict(optima=optima, laws=laws, fitted=len(bracketed))
     return out
@@ -236,64 +202,52 @@ def table(fits, rows):
         cells = ['needs optima inside the sizes at 2 budgets', ''] if law is None else \
             [f"a = {law['a']:.3f} (k = {law['k']:.3g})", f"b = {law['b']:.4f} (c = {law['c']:.3g})"]
         lines.append(f"| {algo} | {' | '.join(cells)} | {f['fitted']} |")
-    lines += ['', 'N: the parameters a token passes through (forward FLOPs per token / 2), so C = 6 N D. '
-              'AR losses are exact NLL per token; the others are NELBO upper bounds (<=). N*, L*: the vertex of '
-              'the parabola fitted to loss against log N at that budget, reported (and fitted) only when it lies '
-              'within the sizes trained; "below/above the sizes tried": the grid does not bracket the optimum.']
+    lines += ['', 'N: forward FLOPs per token / 2, so C = 6 N D. AR: exact NLL; the others: NELBO bounds (<=). '
+              'N*, L*: the vertex of the parabola in log N, kept only within the sizes trained at that budget.']
     return '\n'.join(lines)
 
 
 def plot(fits, rows, path):
-    """Iso-FLOP curves with their parabolas (one panel per method) and the
-    frontier N*(C), L*(C) of every method. Returns the path, or None with a
-    one-line message when matplotlib is missing (it is optional)."""
+    """Iso-FLOP curves and parabolas per method, and every method's N*(C), L*(C); None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, NullFormatter
     except ImportError:
         print('scaling.py: no figure: matplotlib is not installed (pip install matplotlib); '
               'the tables and CSV files are written', file=sys.stderr)
         return None
-    algos = list(fits)
+    algos, budgets = list(fits), sorted({r['flops_budget'] for r in rows})
     n_rows = math.ceil((len(algos) + 2) / 3)
     fig, axes = plt.subplots(n_rows, 3, figsize=(13, 3.8 * n_rows), squeeze=False)
     axes = list(axes.flat)
     for ax in axes[len(algos):-2]:
         ax.axis('off')
-    budgets = sorted({r['flops_budget'] for r in rows})
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
     for ax, algo in zip(axes, algos):
-        for c, color in zip(budgets, colors):
+        for c, color in zip(budgets, plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))):
             runs = sorted((r for r in rows if r['algo'] == algo and r['flops_budget'] == c), key=lambda r: r['params'])
-            if not runs:
-                continue
-            n = np.array([r['params'] for r in runs])
-            ax.plot(n, [r['val_loss'] for r in runs], 'o', color=color, label=f'C={c:.2g}')
+            n, loss = np.array([r['params'] for r in runs]), [r['val_loss'] for r in runs]
+            if len(n):
+                ax.plot(n, loss, 'o', color=color, label=f'C={c:.2g}')
             if len(n) >= 3:
                 x = np.linspace(np.log(n).min() - 0.3, np.log(n).max() + 0.3, 100)
-                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(n), [r['val_loss'] for r in runs], 2), x), '-', color=color, lw=1)
-            o = next((o for o in fits[algo]['optima'] if o['flops'] == c and o['inside']), None)
-            if o is not None:
+                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(n), loss, 2), x), '-', color=color, lw=1)
+            for o in (o for o in fits[algo]['optima'] if o['flops'] == c and o['inside']):
                 ax.plot(o['n_opt'], o['l_opt'], '*', color=color, ms=12, mec='k')
         ax.set(xscale='log', xlabel='parameters N', ylabel='val loss' + ('' if algo == 'ar' else ' (NELBO bound)'),
                title=f'{algo}: iso-FLOP curves')
         ax.legend(fontsize=7)
-    for algo in algos:
-        opt = [o for o in fits[algo]['optima'] if o['inside']]
-        if opt:
-            cs = np.array([o['flops'] for o in opt])
-            law = fits[algo]['laws']
-            line, = axes[-2].plot(cs, [o['n_opt'] for o in opt], 'o', label=algo + (f", a={law['a']:.2f}" if law else ''))
-            axes[-1].plot(cs, [o['l_opt'] for o in opt], 'o', color=line.get_color(),
-                          label=algo + (f", b={law['b']:.3f}" if law else ''))
-            if law is not None:
-                axes[-2].plot(cs, law['k'] * cs ** law['a'], '-', color=line.get_color())
-                axes[-1].plot(cs, law['c'] * cs ** law['b'], '-', color=line.get_color())
-    axes[-2].set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel='N*(C)', title='compute-optimal size')
-    axes[-1].set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel='L*(C)', title='compute-optimal loss')
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-    for ax in axes[-2:]:
+    for algo in algos:  # the frontier: one color per method in both panels
+        opt, law = [o for o in fits[algo]['optima'] if o['inside']], fits[algo]['laws']
+        cs = np.array([o['flops'] for o in opt])
+        for ax, key, e, k in ((axes[-2], 'n_opt', 'a', 'k'), (axes[-1], 'l_opt', 'b', 'c')):
+            if opt:
+                line, = ax.plot(cs, [o[key] for o in opt], 'o', label=algo + (f', {e}={law[e]:.3g}' if law else ''))
+            if opt and law:
+                ax.plot(cs, law[k] * cs ** law[e], '-', color=line.get_color())
+    for ax, y, what in ((axes[-2], 'N*(C)', 'size'), (axes[-1], 'L*(C)', 'loss')):
+        ax.set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel=y, title=f'compute-optimal {what}')
         ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: budgets' minor labels collide
         ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g'))
         ax.yaxis.set_minor_formatter(FormatStrFormatter('%.3g'))
@@ -309,8 +263,14 @@ def main(argv=None):
     args.algos = parse_list(args.algos, str, '--algos')
     args.sizes = parse_list(args.sizes, str, '--sizes')
     args.flops = parse_list(args.flops, float, '--flops')
+    if len(set(args.sizes)) < 3:
+        raise SystemExit(f'--sizes: give at least 3 sizes (a parabola needs them), got {len(set(args.sizes))}')
+    if not all(c > 0 for c in args.flops):
+        raise SystemExit(f'--flops: budgets must be > 0, got {args.flops}')
     if any(e.split('=')[0] in ('--algo', '--size', '--max-iters') for e in extra):
         raise SystemExit('scaling.py sets --algo, --size and the steps of each run: pass --algos, --sizes and --flops')
+    for algo, size in [(a, s) for a in args.algos for s in args.sizes]:  # train.py's checks, before any run
+        train.parse_args(train_argv(algo, size, args.flops[0], args.out_dir, extra))
     if not args.fit_only:
         run_grid(args, extra)
         if args.print_commands:

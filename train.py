@@ -32,18 +32,19 @@ ON_GPU = torch.cuda.is_available()
 # (GPU: the seed's recipe, CPU: a ~10 minute run of the 6M model)
 DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256), max_iters=(100_000, 400),
                 lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100), eval_iters=(50, 10),
-                ckpt_interval=(1000, 250))
+                ckpt_interval=(1000, 250), ema=(0.0, 0.0))
+# with --distill-from: the seed's distil_owt.sh (GUIDE §7); a CPU keeps its 5 teacher rounds, so dt <= 2^4 / T
+DISTILL = dict(batch_size=(128, 8), max_iters=(50_000, 500), lr=(6e-5, 3e-4), min_lr=(None, None),
+               warmup_iters=(500, 10), ema=(0.999, 0.99), teacher_every=(10_000, 100), distill_T=(512, 512))
+AT_LEAST = dict(micro_batch_size=1, batch_size=1, block_size=2, eval_interval=1, ckpt_interval=1, log_interval=1,
+                eval_iters=1, max_iters=0, warmup_iters=0, teacher_every=1, distill_T=1, lr=0, min_lr=0,
+                weight_decay=0)
 
 
 def load_algo(name):
     if name not in ALGOS:
         raise SystemExit(f"unknown algorithm '{name}': choose one of {', '.join(ALGOS)}")
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            raise SystemExit(f"algorithm '{name}' is not implemented yet ({name}.py is missing)") from None
-        raise
+    return importlib.import_module(name)
 
 
 def get_parser():
@@ -58,6 +59,7 @@ def get_parser():
     g.add_argument('--seed', type=int, default=1337)
     g.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'], default=None,
                    help="continue from out_dir/ckpt.pt; 'auto': only if it holds this run (default: off)")
+    g.add_argument('--overwrite', action='store_true', help="start over in an --out-dir that holds a run")
     g.add_argument('--init-from', default=None, help="start a new run from a checkpoint's weights")
     g.add_argument('--dry-run', action='store_true', help='print the plan and exit')
     g = p.add_argument_group('optimization')
@@ -70,12 +72,15 @@ def get_parser():
     g.add_argument('--min-lr', type=float, default=None, help=f'cosine floor {d("min_lr")}')
     g.add_argument('--warmup-iters', type=int, default=None, help='default: max(1%% of steps, 100), at most 20%%')
     g.add_argument('--weight-decay', type=float, default=0.1)
+    g.add_argument('--decay', default='all', choices=['all', 'matrices'],
+                   help="parameters that get weight decay: all (the seed) or matrices (not gains, biases)")
     g.add_argument('--beta1', type=float, default=0.9)
     g.add_argument('--beta2', type=float, default=0.95)
     g.add_argument('--grad-clip', type=float, default=1.0)
-    g.add_argument('--ema', type=float, default=0.0, help='EMA decay of the weights, e.g. 0.9999 (default: off)')
+    g.add_argument('--ema', type=float, default=None, help='EMA decay of the weights, e.g. 0.9999 (default: off)')
     g.add_argument('--dropout', type=float, default=0.0)
-    g.add_argument('--ssl-ratio', type=float, default=0.0, help='probability of cutting a batch to a random length')
+    g.add_argument('--ssl-ratio', type=float, default=0.0,
+                   help='probability of cutting a diffusion batch to a random length (AR: never, as the seed)')
     g = p.add_argument_group('evaluation and logging')
     g.add_argument('--eval-interval', type=int, default=None, help=d('eval_interval'))
     g.add_argument('--eval-iters', type=int, default=None, help=f'micro-batches per rank {d("eval_iters")}')
@@ -87,19 +92,45 @@ def get_parser():
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
                    help='torch.compile the network (default: on with CUDA)')
     for name in ALGOS:  # each method's own flags
-        with contextlib.suppress(SystemExit):
-            load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+        load_algo(name).add_args(p.add_argument_group(f'{name} options'))
     return p
 
 
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
     on_gpu = args.device.startswith('cuda')
-    for k, (gpu, cpu) in DEFAULTS.items():
-        if getattr(args, k) is None:
+    distill = getattr(args, 'distill_from', None)
+    for k, (gpu, cpu) in ({**DEFAULTS, **DISTILL} if distill else DEFAULTS).items():
+        if getattr(args, k) is None:  # a flag the user passed wins
             setattr(args, k, gpu if on_gpu else cpu)
+    if args.min_lr is None:
+        args.min_lr = args.lr  # distillation: constant after warmup
     args.out_dir = args.out_dir or os.path.join('out', f'{args.algo}-{args.size}')
+    check_args(args)
+    if args.algo == 'ar':
+        args.ssl_ratio = 0.0  # the seed cuts only diffusion batches (GUIDE §7)
     return args
+
+
+def check_args(a):
+    """Refuse a bad value in one line now, before any work starts."""
+    rules = [(k, getattr(a, k) >= lo, f'>= {lo}') for k, lo in AT_LEAST.items() if getattr(a, k, None) is not None]
+    rules += [(k, 0 <= getattr(a, k) < 1, 'in [0, 1)') for k in ('ema', 'dropout', 'beta1', 'beta2')]
+    rules += [('ssl_ratio', 0 <= a.ssl_ratio <= 1, 'in [0, 1]'), ('grad_clip', a.grad_clip > 0, '> 0'),
+              ('flops', a.flops is None or a.flops > 0, '> 0')]
+    for k, ok, rule in rules:
+        if not ok:
+            raise SystemExit(f"--{k.replace('_', '-')} must be {rule}, got {getattr(a, k)}")
+    if a.resume and a.overwrite:
+        raise SystemExit('--resume continues the run in --out-dir and --overwrite starts over: pass one of them')
+    if a.size not in SIZES:
+        raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
+    if a.device.startswith('cuda') and not ON_GPU:
+        raise SystemExit(f'--device {a.device}: no CUDA device here: use --device cpu')
+    try:  # the method's own options (e.g. Eso-LM's --alpha0), not at its first evaluation
+        getattr(load_algo(a.algo), 'check_args', lambda a, training: None)(a, training=True)
+    except ValueError as e:
+        raise SystemExit(f'--algo {a.algo}: {e}') from None
 
 
 def seed_for(*keys):
@@ -109,8 +140,7 @@ def seed_for(*keys):
 
 
 def get_lr(step, args):
-    warmup = args.warmup_iters if args.warmup_iters is not None else \
-        min(max(args.max_iters // 100, 100), args.max_iters // 5)
+    warmup = args.warmup_iters  # resolved by Trainer.plan
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, args.max_iters - warmup))
@@ -143,7 +173,7 @@ def compile_model(model):
 
 
 def save_checkpoint(path, ckpt):
-    tmp = path + '.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
@@ -151,11 +181,28 @@ def save_checkpoint(path, ckpt):
 def load_checkpoint(path, algo=None):
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at '{path}'")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)  # plain tensors only: runs no code
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)  # plain tensors only: runs no code
+    except Exception as e:  # truncated, or not a torch file (torch's message would advise running its code)
+        raise SystemExit(f"'{path}' is not a readable checkpoint ({type(e).__name__}): "
+                         f"pass a ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or not {'model', 'config', 'args', 'algo', 'step', 'meta'} <= set(ckpt):
+        raise SystemExit(f"'{path}' holds no train.py checkpoint: pass a ckpt.pt written by train.py")
     if algo is not None and ckpt['algo'] != algo:
         raise SystemExit(f"'{path}' is a checkpoint of --algo {ckpt['algo']}, not {algo}: "
                          f"pass --algo {ckpt['algo']} or another checkpoint")
     return ckpt
+
+
+def check_out_dir(a):
+    """Never replace a run by accident; refuse a folder that cannot be written, now."""
+    if os.path.exists(os.path.join(a.out_dir, 'ckpt.pt')) and not (a.resume or a.overwrite):
+        raise SystemExit(f'{a.out_dir} holds a run (ckpt.pt): pass --resume to continue it, '
+                         f'--overwrite to start over, or another --out-dir')
+    with contextlib.suppress(OSError):
+        os.makedirs(a.out_dir, exist_ok=True)
+    if not os.access(a.out_dir, os.W_OK) or not os.path.isdir(a.out_dir):
+        raise SystemExit(f'cannot write to --out-dir {a.out_dir}: pass another --out-dir')
 
 
 SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')
@@ -167,8 +214,6 @@ class Trainer:
     def __init__(self, args):
         self.args = a = args
         self.algo = load_algo(a.algo)
-        if a.size not in SIZES:
-            raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
         self.ddp = 'RANK' in os.environ
         if self.ddp:
             dist.init_process_group('nccl' if a.device.startswith('cuda') else 'gloo')
@@ -196,6 +241,8 @@ class Trainer:
         self.flops_per_seq = flops_per_token(self.cfg, a.block_size) * a.block_size
         if a.flops:  # GUIDE §7: steps = budget / (3 x forward FLOPs per sequence x global batch)
             a.max_iters = max(1, int(a.flops / (3 * self.flops_per_seq * a.batch_size)))
+        if a.warmup_iters is None:  # max(1% of steps, 100), at most 20%
+            a.warmup_iters = min(max(a.max_iters // 100, 100), a.max_iters // 5)
         with torch.device('meta'):
             m = DiT(self.cfg)
         return {'algo': a.algo, 'size': a.size, 'params': m.num_params(),
@@ -242,10 +289,11 @@ class Trainer:
     def setup_model(self):
         a = self.args
         self.raw = DiT(self.cfg).to(a.device)
-        decay = [p for p in self.raw.parameters() if p.dim() >= 2]      # matrices and embeddings
-        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]   # gains and biases
-        self.opt = torch.optim.AdamW([{'params': decay, 'weight_decay': a.weight_decay},
-                                      {'params': no_decay, 'weight_decay': 0.0}],
+        decays = lambda p: a.decay == 'all' or p.dim() >= 2  # the seed decays gains and biases too
+        self.opt = torch.optim.AdamW([{'params': [p for p in self.raw.parameters() if decays(p)],
+                                       'weight_decay': a.weight_decay},
+                                      {'params': [p for p in self.raw.parameters() if not decays(p)],
+                                       'weight_decay': 0.0}],
                                      lr=a.lr, betas=(a.beta1, a.beta2), eps=1e-8,
                                      fused=self.device_type == 'cuda')
         self.step, self.best_val, self.resumed = 0, float('inf'), False
@@ -268,7 +316,10 @@ class Trainer:
                     raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): "
                                      f"use another --out-dir")
             self.raw.load_state_dict(ckpt['model'])
-            self.opt.load_state_dict(ckpt['optimizer'])
+            try:
+                self.opt.load_state_dict(ckpt['optimizer'])
+            except ValueError:  # other parameter groups
+                raise SystemExit(f"pass --decay {ckpt['args'].get('decay', 'matrices')} to resume this run") from None
             if self.ema is not None and ckpt.get('ema') is not None:
                 self.ema.load_state_dict(ckpt['ema'])
             self.step, self.best_val = ckpt['step'], ckpt['best_val_loss']
@@ -296,6 +347,19 @@ class Trainer:
         self.last_ckpt_step = self.step
 
     # -- logging ------------------------------------------------------------
+    def trim_log(self):
+        """Keep the log rows written before the checkpoint this run starts from (none for a new
+        run), so a resumed run logs as one; its evaluation at that step runs again."""
+        path = os.path.join(self.args.out_dir, 'log.jsonl')
+        with open(path, 'a+') as f:
+            f.seek(0)  # a last line cut short by a kill has no newline
+            rows = [r for r in map(json.loads, (line for line in f if line.endswith('\n'))) if
+                    r.get('step', 0) < self.step or (r.get('step') == self.step and 'val_loss' not in r)]
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        os.replace(tmp, path)  # atomic
+
     def log(self, msg=None, **record):
         if not self.master:
             return
@@ -368,8 +432,9 @@ class Trainer:
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.raw.parameters()), 1 - a.ema)
             train_loss = loss_sum.item() / self.accum
             if not math.isfinite(train_loss):
-                raise SystemExit(f'non-finite loss at step {self.step}: stopping; the last good checkpoint is '
-                                 f'{self.ckpt_path} (step {self.last_ckpt_step})')
+                last = f'the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt_step})' \
+                    if os.path.exists(self.ckpt_path) else 'no checkpoint was written'
+                raise SystemExit(f'non-finite loss at step {self.step}: stopping; {last}')
             self.step += 1
             dt = time.perf_counter() - t0
             tokens_per_s, mfu = tokens_per_step / dt, mfu_flops / dt / peak
@@ -397,16 +462,27 @@ def main(argv=None):
     vocab = data.get_tokenizer(args.tokenizer).vocab_size
     plan = trainer.plan(vocab)
     if args.dry_run:
+        d = data.dataset_dir(args.dataset, args.tokenizer)  # epochs only if prepared: preparing can be slow
+        n = data.num_tokens(d, 'train') if os.path.exists(os.path.join(d, 'meta.json')) else None
+        plan['epochs'] = args.max_iters * plan['global_batch_tokens'] / n if n else 'unknown (not prepared yet)'
+        plan.update({k: getattr(args, k) for k in ('warmup_iters', *DEFAULTS, *DISTILL, 'decay')
+                     if getattr(args, k, None) is not None})
         if trainer.master:
             for k, v in plan.items():
                 print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
         return
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_out_dir(args)
     trainer.setup_data()
+    plan['epochs'] = epochs = args.max_iters * plan['global_batch_tokens'] / trainer.n_tokens['train']
+    if epochs > 4:
+        trainer.log(f'note: this run reads the training split of {args.dataset} {epochs:.1f} times: '
+                    f'pass a larger --dataset (e.g. openwebtext) for more tokens')
     torch.manual_seed(args.seed)  # same initial weights on every rank
     trainer.setup_model()
-    if trainer.master and not trainer.resumed and os.path.exists(os.path.join(args.out_dir, 'log.jsonl')):
-        os.remove(os.path.join(args.out_dir, 'log.jsonl'))  # a fresh run starts a fresh log
+    if trainer.master:
+        trainer.trim_log()
+        if not trainer.resumed and os.path.exists(trainer.ckpt_path):
+            os.remove(trainer.ckpt_path)  # --overwrite: start over
     trainer.log(' | '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}' for k, v in plan.items()))
     trainer.train()
     if trainer.ddp:

@@ -180,7 +180,7 @@ def test_grid_runs_resumes_and_writes_csv_and_table(tmp_path, monkeypatch, capsy
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
-    base = ['--sizes', 'tiny', '--out-dir', str(tmp_path)]
+    base = ['--sizes', 'tiny,mini,small', '--out-dir', str(tmp_path)]
     for argv, says in [(base + ['--flops', 'lots'], 'comma-separated list'),
                        (base + ['--flops', '1e9', '--size', 'mini'], 'pass --algos, --sizes and --flops'),
                        (base + ['--flops', '1e9', '--fit-only'], 'no finished runs')]:

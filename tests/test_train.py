@@ -41,8 +41,14 @@ class Preempted(Exception):
     pass
 
 
+def rows(out_dir):
+    """The log as (step, keys) per row: what a reader of log.jsonl sees."""
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [(r['step'], sorted(k for k in r if k not in ('tok_per_s', 'mfu'))) for r in map(json.loads, f)]
+
+
 def test_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = TINY + ['--max-iters', '20', '--ckpt-interval', '10', '--ema', '0.9']
+    args = TINY + ['--max-iters', '20', '--ckpt-interval', '10', '--ema', '0.9', '--eval-interval', '5']
     train.main(args + ['--out-dir', str(tmp_path / 'a')])
     real_loss = ar.train_loss
 
@@ -54,7 +60,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(Preempted):
         train.main(args + ['--out-dir', str(tmp_path / 'b')])
     monkeypatch.setattr(ar, 'train_loss', real_loss)
+    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
+        f.write('{"step": 13, "train_lo')  # a row cut short by the kill
     train.main(args + ['--out-dir', str(tmp_path / 'b'), '--resume'])  # continues from step 10
+    assert rows(tmp_path / 'b') == rows(tmp_path / 'a')  # the log reads as one run
     a, b = log(tmp_path / 'a', 'train_loss'), log(tmp_path / 'b', 'train_loss')
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
