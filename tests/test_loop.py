@@ -63,7 +63,7 @@ def run(tmp_path_factory):
 def direct_gradient(trainer, weights, x):
     """d/dW of the mean next-token loss over the whole global batch x, computed here."""
     net = DiT(trainer.cfg)
-    net.load_state_dict(weights, strict=False)
+    net.load_state_dict(weights)
     ar.train_loss(net, x, None, None, 0, {}).backward()
     return {n: p.grad for n, p in net.named_parameters()}
 
