@@ -11,6 +11,7 @@ recipe (GUIDE §7) on a GPU and a small run on a CPU.
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import importlib
 import json
@@ -485,7 +486,10 @@ def main(argv=None):
             os.remove(trainer.ckpt_path)  # --overwrite: start over
     trainer.log(' | '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}' for k, v in plan.items()))
     trainer.train()
-    if trainer.ddp:
+    if trainer.ddp:  # tear down while Python is alive: gloo's threads freeing a collective's tensors
+        dist.barrier()  # during interpreter exit abort the rank (SIGABRT), e.g. rank 1, which saves nothing
+        trainer.model = None
+        gc.collect()  # DDP holds the process group in a reference cycle: free it, so destroying joins its threads
         dist.destroy_process_group()
 
 

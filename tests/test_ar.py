@@ -37,9 +37,11 @@ def test_loss_with_exact_conditionals_is_the_entropy():
     assert n == L - 1
     expected = conditional_entropy_given_first(seqs, probs)
     assert abs((probs * nll).sum().item() - expected) < 1e-9
-    # train_loss is the same quantity averaged per token
-    loss = ar.train_loss(model, seqs[:1], None, None, 0, {})
-    assert abs(loss.item() - nll[0].item() / (L - 1)) < 1e-9
+    # train_loss: the mean per predicted token over a batch of different sequences (a constant
+    # one hides a target shift), against log p(x) - log p(x_1) from the table
+    loss = ar.train_loss(model, seqs, None, None, 0, {})
+    p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
+    assert abs(loss.item() - (p1[seqs[:, 0]].log() - probs.log()).mean().item() / (L - 1)) < 1e-9
 
 
 def test_sampler_reproduces_the_distribution():

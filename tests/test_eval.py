@@ -70,6 +70,17 @@ def test_windows_are_consecutive_and_spread_evenly():
         evaluation.windows(stream[:30], 10, 4, 5)
 
 
+def test_evaluate_draws_antithetic_times():
+    """u_i = (u + i) / B over each batch (GUIDE §1), a fresh u for each batch and repeat."""
+    seen = []
+    algo = argparse.Namespace(eval_nll=lambda model, x, u, args: seen.append(u) or (torch.zeros(len(x)), 1))
+    evaluation.evaluate(None, algo, argparse.Namespace(device='cpu'), torch.zeros(3, 8, 4, dtype=torch.long), repeats=2)
+    assert len(seen) == 6
+    for u in seen:
+        assert 0 <= u[0] < 1 / 8 and torch.allclose(u - u[0], torch.arange(8) / 8, atol=1e-6)
+    assert len({u[0].item() for u in seen}) == 6
+
+
 def test_ar_estimate_is_the_exact_nll_of_the_windows():
     seqs, probs = toy_distribution(K, L, seed=3)
     rows, stream = toy_stream(seqs, probs, 64)

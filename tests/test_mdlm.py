@@ -195,6 +195,24 @@ def test_cached_equals_uncached_and_tokens_are_kept():
     assert masked == sorted(masked, reverse=True) and masked[0] == n * (length - 7)
 
 
+def test_reveals_per_step_follow_the_schedule():
+    """Between t and s each masked token is revealed with probability (alpha_s - alpha_t) /
+    (1 - alpha_t) = (t - s) / t on t = linspace(1, 1e-5, T + 1): the number revealed at each
+    step is binomial given those still masked. (An exact denoiser samples exactly under any
+    schedule, so the samplers' distribution tests cannot see a wrong one.)"""
+    K, T, n, length, calls = 5, 8, 4000, 4, []
+    uniform = lambda z, sigma=None, select=None, **kw: torch.zeros(int(select.sum()), K + 1)
+    args = argparse.Namespace(vocab_size=K, steps=T, cache=False, top_p=1.0, float64=True)
+    torch.manual_seed(0)
+    mdlm.sample(recorder(uniform, calls), args, n, length)
+    masked = [int((z == K).sum()) for z, _ in calls] + [0] * (T + 2 - len(calls))  # still masked at each step
+    t = torch.linspace(1, 1e-5, T + 1, dtype=torch.float64).tolist()
+    assert len(calls) >= T and masked[0] == n * length
+    for i in range(T):
+        p, m = (t[i] - t[i + 1]) / t[i], masked[i]
+        assert abs(m - masked[i + 1] - m * p) < 5 * math.sqrt(m * p * (1 - p)) + 1, i
+
+
 def test_noise_removal_fills_what_is_left(monkeypatch):
     """Force every reveal draw to fail: only the final step to alpha = 1 reveals,
     so the output is still complete; the cached sampler then needs one call."""

@@ -110,3 +110,28 @@ def test_top_p_and_categorical():
     draws = M.sample_categorical(probs.expand(40000, 4))
     freq = torch.bincount(draws, minlength=4) / 40000
     assert torch.allclose(freq, probs[0].float(), atol=0.01)
+
+
+def test_attention_term_of_the_flops():
+    # QK^T and AV: 2 x 2 x d x T per token per layer; 19M (d 384, 8 layers) at T = 2048 and 256
+    cfg = get_config('19M', 50257)
+    for T, attention in ((2048, 25_165_824), (256, 3_145_728)):
+        assert M.flops_per_token(cfg, T, attention=True) - M.flops_per_token(cfg, T) == attention
+    assert M.flops_per_token(cfg, 2048) == 66_911_328  # 2 (8 x 12 x 384^2 + 384 x 50257) + adaLN 4915200 / 2048
+
+
+def test_rotary_makes_attention_depend_on_relative_position_only():
+    m = random_dit().double()
+    x = torch.randint(0, 50, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    out = m(x, positions=pos)
+    for shift in (1, 37):  # the same offsets between all positions: the same output (logits ~30;
+        assert torch.allclose(m(x, positions=pos + shift), out, atol=1e-3), shift  # float32 angles: ~5e-5)
+    assert not torch.allclose(m(x, positions=pos * 2), out, atol=1)  # other offsets: another output
+
+
+def test_top_p_at_exactly_the_boundary():
+    """A token whose preceding mass equals top_p exactly is not needed: dropped."""
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]], dtype=torch.float64)  # exact in binary
+    assert torch.equal(M.top_p_filter(probs, 0.75), torch.tensor([[0, 2 / 3, 0, 1 / 3]], dtype=torch.float64))
+    assert torch.equal(M.top_p_filter(probs, 0.5), torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))
