@@ -35,9 +35,8 @@ Pieces Eso-LM reuses: schedule, mask_tokens, time_sigma, masked_cross_entropy,
 loss_weight.
 """
 import torch
-import torch.nn.functional as F
 
-from model import sample_categorical, top_p_filter
+from model import Loss, cross_entropy, sample_categorical, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps: the schedule stops just short of all-masked (GUIDE §1)
@@ -80,12 +79,12 @@ def time_sigma(alpha_t, args):
 # ----------------------------------------------------------------------------
 # loss
 
-def masked_cross_entropy(logits, targets, mask_id):
+def masked_cross_entropy(logits, targets, mask_id, grad=False):
     """-log x_theta(z_t)_l[x^l] for the selected (masked) positions, logits (N, V).
     SUBS zero masking: the [MASK] logit is -inf, so x_theta never predicts [MASK].
     (Carry-over: unmasked positions are never selected, so they cost nothing.)"""
     logits[:, mask_id] = float('-inf')  # in place: the output layer does not save its output
-    return F.cross_entropy(logits, targets, reduction='none')
+    return cross_entropy(logits, targets, grad)
 
 
 def loss_weight(alpha_t, dalpha_t, args, elbo=False):
@@ -96,22 +95,24 @@ def loss_weight(alpha_t, dalpha_t, args, elbo=False):
     return torch.ones_like(alpha_t)
 
 
-def masked_losses(model, x, u, args):
+def masked_losses(model, x, u, args, train=False):
     """One draw of the forward process and the network's loss on it: returns
     -log x_theta(z_t)_l[x^l] at the masked positions (N,), the row of each,
-    and alpha_t, alpha'_t (B,)."""
+    and alpha_t, alpha'_t (B,). train=True: the training loss instead, their sum
+    weighted by loss_weight, per token (the fused path needs the weights up front)."""
     t = EPS + (1 - EPS) * u                       # u: stratified uniforms from the trainer (GUIDE §1)
     alpha_t, dalpha_t = schedule(t)
     z_t, masked = mask_tokens(x, alpha_t, args.vocab_size)
     rows, cols = masked.nonzero(as_tuple=True)    # row-major, the order of select= below
-    logits = model(z_t, sigma=time_sigma(alpha_t, args), select=masked)  # output layer only where masked
-    return masked_cross_entropy(logits, x[rows, cols], args.vocab_size), rows, alpha_t, dalpha_t
+    w = loss_weight(alpha_t, dalpha_t, args)[rows] / x.numel() if train else None  # per token, over B*L
+    nll = model(z_t, sigma=time_sigma(alpha_t, args), select=masked,  # output layer only where masked
+                loss=Loss(masked_cross_entropy, x[rows, cols], args.vocab_size, weight=w,
+                          fused=getattr(args, 'fused', True)))
+    return nll if train else (nll, rows, alpha_t, dalpha_t)
 
 
 def train_loss(model, x, u, args, step, state):
-    nll, rows, alpha_t, dalpha_t = masked_losses(model, x, u, args)
-    w = loss_weight(alpha_t, dalpha_t, args)
-    return (w[rows] * nll).sum() / x.numel()      # per token, over all B*L positions
+    return masked_losses(model, x, u, args, train=True)
 
 
 # ----------------------------------------------------------------------------

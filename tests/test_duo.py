@@ -30,7 +30,7 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
     leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);
     else the full posterior p(x_l | z), which also conditions on z_l.
     The first clean_prefix positions are known clean (a prompt)."""
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         a = torch.exp(-sigma.double())[:, None, None]
         q = a * (seqs[None] == z[:, None]) + (1 - a) / K                 # (B, N, L): q(z_l | x_l)
         q[..., :clean_prefix] = (seqs[None] == z[:, None])[..., :clean_prefix].double()
@@ -39,7 +39,8 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
         for l in range(L):
             w = probs * torch.exp(logq.sum(-1) - (logq[..., l] if leave_one_out else 0))
             out[:, l].scatter_add_(1, seqs[:, l].expand(z.shape[0], -1), w)
-        return (out / out.sum(-1, keepdim=True)).log()
+        out = (out / out.sum(-1, keepdim=True)).log()
+        return out if loss is None else loss(out)
     return model
 
 
@@ -153,7 +154,7 @@ def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
     u = (torch.rand(1) + torch.arange(S)) / S
     seen = []
     oracle = noisy_oracle(seqs, probs)
-    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma), x, u, args_for())
+    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma, **kw), x, u, args_for())
     assert n == L
     assert abs(nll.mean().item() - exact) < 4 * nll.std().item() / math.sqrt(S)
     # ... with times over all of (0, 1] (t = 1 - u), not training's [eps, 1]
