@@ -41,7 +41,7 @@ import math
 import torch
 
 from mdlm import loss_weight, mask_tokens, masked_cross_entropy, schedule
-from model import KVCache, Loss, sample_categorical, top_p_filter
+from model import KVCache, Loss, flops_per_token, sample_categorical, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
 EPS = 1e-3     # the same eps as MDLM (mdlm.schedule uses it)
@@ -176,6 +176,14 @@ def train_loss(model, x, u, args, step, state):
     if n < B:
         loss = loss + sequential_term(model, x[n:], args, scale=1 / ((B - n) * L))
     return loss
+
+
+def mfu_flops(cfg, args):
+    """Forward FLOPs per token: the diffusion rows output at the masked positions
+    (E = 1 - alpha_0 / 2); the sequential rows run the blocks over 2L tokens and
+    output at the masked z_0 ones, (1 - alpha_0) L."""
+    L, a0, s = args.block_size, args.alpha0, args.batch_split
+    return s * flops_per_token(cfg, L, True, 1 - a0 / 2) + (1 - s) * 2 * flops_per_token(cfg, 2 * L, True, (1 - a0) / 2)
 
 
 # ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ loss_weight.
 """
 import torch
 
-from model import Loss, cross_entropy, sample_categorical, top_p_filter
+from model import Loss, cross_entropy, flops_per_token, sample_categorical, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps: the schedule stops just short of all-masked (GUIDE §1)
@@ -113,6 +113,10 @@ def masked_losses(model, x, u, args, train=False):
 
 def train_loss(model, x, u, args, step, state):
     return masked_losses(model, x, u, args, train=True)
+
+
+def mfu_flops(cfg, args):  # per token: the output layer runs at the masked positions, E[1 - alpha_t] = 1/2
+    return flops_per_token(cfg, args.block_size, attention=True, out_share=0.5)
 
 
 # ----------------------------------------------------------------------------
