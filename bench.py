@@ -4,16 +4,14 @@
     python bench.py --algo ar mdlm duo esolm esolm:alpha0=0.5,batch_split=0.5 --no-sample
     python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte --sample-length 1024 --no-train
     python bench.py --algo ar --size 113M --block-size 1024 --batch-size 16 --compile --json
-    python bench.py --algo mdlm esolm --size tiny --block-size 128 --mem --mem-steps 300 --no-sample
-    python bench.py --algo ar ar:fused=False --profile --no-sample     # where a step's time goes
+    python bench.py --algo ar ar:fused=False mdlm --profile --mem --mem-steps 1 --no-sample
 
 Several --algo entries (NAME or NAME:option=value,...) run in one process,
 interleaved over --rounds, each figure the best round: the machines are shared
 and noisy, so compare the ratios of one run, not numbers across runs. On CPU
 the MFU peak is this machine's measured matmul FLOP/s in the same dtype.
---mem runs each entry in a fresh process: the peak memory of one training step
-(CPU: the process's peak RSS, setup included; GPU: the most memory allocated),
-and the resident memory after 20 and after --mem-steps steps.
+--mem runs each entry in a fresh process: the peak memory of one training step (CPU: peak
+RSS, setup included; GPU: max allocated), the resident memory after 20 and --mem-steps steps.
 """
 import argparse
 import ast
@@ -62,14 +60,11 @@ def get_parser():
     return p
 
 
-def check_args(args):
-    """Every flag at parse time: one line naming the fix."""
-    for flag in ('block_size', 'batch_size', 'iters', 'rounds', 'sample_length', 'num_samples', 'mem_steps'):
-        if getattr(args, flag) < (2 if flag in ('block_size', 'sample_length') else 1):
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least "
-                             f"{2 if flag in ('block_size', 'sample_length') else 1}, got {getattr(args, flag)}")
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f'--steps must be >= 1, got {args.steps}')
+def check_args(args):  # every flag at parse time: one line naming the fix
+    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1, steps=1)
+    for k, v in least.items():
+        if getattr(args, k) is not None and getattr(args, k) < v:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f'--top-p must be in (0, 1], got {args.top_p}')
     if args.size not in SIZES:
@@ -120,50 +115,37 @@ def train_seconds(r, args, autocast):
 
 
 def profile(r, args, autocast):
-    """Seconds of a step in the blocks (forward + backward, the output layer and loss
-    replaced by a free stand-in), in the output layer + loss (run again on the same
-    inputs, forward + backward) and in the optimizer."""
+    """Shares of a step: the blocks (a step with a free stand-in for the output layer
+    and loss, less the optimizer), the output layer + loss (forward and backward again
+    on the inputs it had) and the optimizer."""
     heads = []
 
-    def stand_in(x, loss=None, **kw):  # keeps the blocks' backward, skips the output layer
+    def stand_in(x, loss=None, **kw):
         def head(h, W, b):
-            heads.append((loss, h.detach(), W, b.detach()))
-            return (h * 0).float().sum()
+            heads.append((loss, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
+            return (h * 0).float().sum()  # the blocks still run backward
         return r['compiled'](x, loss=head, **kw)
-    blocks, _ = timed(lambda: train_step(r, autocast, stand_in), args.device)
-
-    def output_layer():
-        with autocast:
-            out = sum(loss(h.requires_grad_(), W, b.requires_grad_()) for loss, h, W, b in heads)
-        out.backward()
-    head, _ = timed(output_layer, args.device)
+    step, _ = timed(lambda: train_step(r, autocast, stand_in), args.device)
     with autocast:
-        r['algo'].train_loss(r['compiled'], r['x'], r['u'], r['args'], 0, {}).backward()
+        head, out = timed(lambda: sum(loss(h, W, b) for loss, h, W, b in heads), args.device)
+    head += timed(out.backward, args.device)[0]
+    for p in r['model'].parameters():  # every parameter has a gradient, as in a real step
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
     opt, _ = timed(r['opt'].step, args.device)
     r['opt'].zero_grad(set_to_none=True)
-    blocks -= opt
-    return {'profile_blocks': blocks / (blocks + head + opt), 'profile_output_layer_loss': head / (blocks + head + opt),
-            'profile_optimizer': opt / (blocks + head + opt)}
+    return {'share_blocks': (step - opt) / (step + head), 'share_output_layer_loss': head / (step + head),
+            'share_optimizer': opt / (step + head)}
 
 
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def memory(spec, args):
-    """Run in a fresh process: peak memory of the first training step, resident
-    memory after 20 and after --mem-steps steps (bytes)."""
-    r = setup(spec, args)
-    autocast = autocast_for(args)
-    out = {}
+def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
+    r, out = setup(spec, args), {}
     for step in range(1, args.mem_steps + 1):
-        train_step(r, autocast)
+        train_step(r, autocast_for(args))
         if step == 1:
             out['peak_mem_step'] = torch.cuda.max_memory_allocated() if args.device.startswith('cuda') else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if step in (20, args.mem_steps):
-            out[f'rss_after_{step}_steps'] = rss()
+            out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
     return out
 
 

@@ -160,9 +160,8 @@ def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
     log xbar_j = log(1 - a) + softplus(v_j), v_j = log(r x_theta_j), and
     kappa = (1 - a) / (K a + 1 - a) = 1 / (1 + r): no softmax is materialised and
     no large constants cancel near a = 0 or 1.
-    grad=True (the fused path) also returns d loss / d logits, by hand: the loss is
-    f = C (term1 - term2), C = a' / (K a), dv_j / dlogit_k = [j=k] - x_theta_k and
-    d softplus(v) / dv = sigmoid(v) =: s, d sigmoid(-v) / dv = -s (1 - s), so
+    grad=True also returns d f / d logits (fused path), f = C (term1 - term2), C = a'/(K a), by hand:
+    dv_j / dlogit_k = [j=k] - x_theta_k, d softplus(v)/dv = sigmoid(v) =: s, d sigmoid(-v)/dv = -s (1 - s), so
       g_j = df/dv_j = C (c s_j + [j=z] ((r/a) s_z (1 - s_z) - (K c + r) s_z) + [j=x] r s_x)
       df/dlogit_k = g_k - x_theta_k sum_j g_j,   x_theta_k = exp(v_k) / r."""
     dtype = torch.promote_types(logits.dtype, torch.float32)   # float32, or float64 if given
@@ -172,8 +171,7 @@ def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
     y_sum = F.softplus(v).sum(-1)                        # sum_j log(xbar_j / (1 - a))
     v_z, v_x = v.gather(-1, z[:, None])[:, 0], v.gather(-1, x[:, None])[:, 0]
     y_z, y_x = F.softplus(v_z), F.softplus(v_x)
-    same = x == z
-    kappa = 1 / (1 + r)
+    same, kappa = x == z, 1 / (1 + r)
     c = torch.where(same, kappa, 1.0)                    # kappa [x==z] + [x!=z]
     term1 = (r / a) * (c - torch.sigmoid(-v_z))          # K (1/xbar_z_true - 1/xbar[z])
     offset = torch.where(same, -(K - 1) * kappa, 1 + r) * torch.log1p(r)  # ((K-1)k[x==z] - [x!=z]/k) log k
@@ -206,8 +204,7 @@ def elbo_loss(model, x, t, args, weight=None):
     or with weight (a number) the training loss, weight x its sum."""
     alpha_t, dalpha_t = schedule(t)
     z_t = corrupt(x, alpha_t, args.vocab_size)
-    loss = nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight)
-    out = model(z_t, sigma=-torch.log(alpha_t).float(), loss=loss)  # every position carries a loss: no select
+    out = model(z_t, sigma=-torch.log(alpha_t).float(), loss=nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight))
     return out if weight is not None else out.view(x.shape)
 
 

@@ -108,9 +108,8 @@ def sequential_mask(L, device):
 # loss
 
 def token_nll(model, z_s, x_s, m_s, K, weight=None, fused=True, select=None, **kw):
-    """Sum per row of -log x_theta at the masked positions m_s (B,) of the sorted
-    input z_s (select: where those sit in it); with weight (B,) the training loss
-    sum_b weight_b nll_b instead, one scalar. Clean positions cost 0 (carry-over)."""
+    """Sum per row of -log x_theta at the masked positions m_s (B,) of the sorted input z_s
+    (select: where they sit in it), or with weight (B,) the training loss sum_b weight_b nll_b."""
     rows = m_s.nonzero()[:, 0]                               # row-major, the order of select
     loss = Loss(masked_cross_entropy, x_s[m_s], K, weight=None if weight is None else weight[rows], fused=fused)
     nll = model(z_s, select=m_s if select is None else select, loss=loss, **kw)  # SUBS: [MASK] logit -inf
@@ -145,9 +144,8 @@ def diffusion_term(model, x, u, args, elbo, scale=None):
     alpha_t, dalpha_t = schedule(t, args.alpha0)             # alpha_0 (1 - (1 - eps) t)
     _, masked = mask_tokens(x, alpha_t, args.vocab_size)     # z_t ~ q(z_t | x)
     w = loss_weight(alpha_t, dalpha_t, args, elbo)           # -alpha'_t / (1 - alpha_t), or 1
-    if scale is not None:
-        return diffusion_nll(model, x, masked, args.vocab_size, w * scale, getattr(args, 'fused', True))
-    return w * diffusion_nll(model, x, masked, args.vocab_size, fused=getattr(args, 'fused', True))
+    nll = diffusion_nll(model, x, masked, args.vocab_size, None if scale is None else w * scale, getattr(args, 'fused', True))
+    return nll if scale is not None else w * nll
 
 
 def sequential_term(model, x, args, scale=None):
@@ -156,8 +154,8 @@ def sequential_term(model, x, args, scale=None):
     alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
     _, masked = mask_tokens(x, alpha_0, args.vocab_size)     # z_0 ~ q(z_0 | x)
     weight = None if scale is None else torch.full_like(alpha_0, scale, dtype=torch.float64)
-    return sequential_nll(model, x, masked, sort_order(masked, masked_left_to_right=True), args.vocab_size,
-                          weight, getattr(args, 'fused', True))
+    order = sort_order(masked, masked_left_to_right=True)
+    return sequential_nll(model, x, masked, order, args.vocab_size, weight, getattr(args, 'fused', True))
 
 
 def train_loss(model, x, u, args, step, state):
@@ -179,9 +177,8 @@ def train_loss(model, x, u, args, step, state):
 
 
 def mfu_flops(cfg, args):
-    """Forward FLOPs per token: the diffusion rows output at the masked positions
-    (E = 1 - alpha_0 / 2); the sequential rows run the blocks over 2L tokens and
-    output at the masked z_0 ones, (1 - alpha_0) L."""
+    """Forward FLOPs per token: diffusion rows output where masked (E = 1 - alpha_0 / 2);
+    sequential rows run the blocks over 2L tokens, output at the (1 - alpha_0) L masked z_0."""
     L, a0, s = args.block_size, args.alpha0, args.batch_split
     return s * flops_per_token(cfg, L, True, 1 - a0 / 2) + (1 - s) * 2 * flops_per_token(cfg, 2 * L, True, (1 - a0) / 2)
 

@@ -12,8 +12,7 @@ with it can stand in for the network in tests):
     logits = model(x, sigma=None, causal=False, mask=None, positions=None,
                    cache=None, select=None, loss=None)
 
-With loss= (a Loss, below) it returns that loss of the (selected) positions
-instead of their logits; a stand-in network applies it as loss(its logits).
+With loss= (a Loss) it returns that loss instead; a stand-in applies loss(logits).
 """
 import math
 from dataclasses import dataclass
@@ -256,78 +255,67 @@ def cross_entropy(logits, targets, grad=False):
 
 
 class Loss:
-    """The forward's `loss=`: fn(logits, *rows) -> per-row losses (N,) of the positions
-    the network outputs, fn a loss kind (cross_entropy, duo.nelbo_per_token) that with
-    grad=True also returns d loss / d logits. rows: per-row tensors, or constants.
-    With weight ((N,) or a number) it returns the training loss sum_i weight_i loss_i,
-    else the per-row losses. fused=False is the plain path, the readable reference:
-    all the logits, then fn; fused=True never holds them all (LinearLoss)."""
+    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the
+    network outputs (rows: per-row tensors or constants; fn, e.g. cross_entropy, also
+    returns d loss / d logits with grad=True). With weight ((N,) or a number): the
+    training loss sum_i weight_i loss_i. fused=False: the plain path, logits then fn."""
 
     def __init__(self, fn, *rows, weight=None, fused=True):
         self.fn, self.rows, self.weight, self.fused = fn, rows, weight, fused
 
-    def __call__(self, h, W=None, b=None):  # W=None: h are already logits (a stand-in network)
+    def __call__(self, h, W=None, b=None):  # W=None: h are logits (a stand-in network)
         h = h.flatten(0, -2)
         if not self.fused:
             loss = self.fn(h if W is None else F.linear(h, W, b), *self.rows)
             return loss if self.weight is None else (self.weight * loss).sum()
         if W is not None and torch.is_autocast_enabled(h.device.type):  # cast once, as F.linear would
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, W, b = h.to(dtype), W.to(dtype), b.to(dtype)
+            h, W, b = (t.to(torch.get_autocast_dtype(h.device.type)) for t in (h, W, b))
         if self.weight is None:
             with torch.no_grad():
-                return chunked_loss(h, W, b, self.fn, self.rows)
-        weight = torch.as_tensor(self.weight, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        return LinearLoss.apply(h, W, b, weight.expand(len(h)), self.fn, *self.rows)
+                return chunked_loss(h, W, b, self.fn, self.rows)[0]
+        w = torch.as_tensor(self.weight, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, *self.rows)
 
 
 CHUNK = 1024  # rows of logits at a time
 
 
 def chunked_loss(h, W, b, fn, rows, weight=None):
-    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with
-    weight the gradients of sum_i weight_i loss_i in h, W, b, from the same logits.
-    The last chunk is padded (copies of the last row, weight 0), so every call
-    allocates the same (CHUNK, V) blocks and the heap never fragments."""
-    N = len(h)
+    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with weight
+    the gradients of sum_i weight_i loss_i in h, W, b from the same logits. The last chunk
+    is padded (the last row again, weight 0): every call allocates the same (CHUNK, V)
+    blocks, so the heap does not fragment under sizes that change every step."""
+    N, grad = len(h), weight is not None
     idx = torch.arange(-(-N // CHUNK) * CHUNK, device=h.device).clamp(max=max(N - 1, 0))
     h, rows = h[idx], [r[idx] if torch.is_tensor(r) else r for r in rows]
-    if weight is not None:
-        weight = weight[idx] * (torch.arange(len(idx), device=h.device) < N)
-        dh, acc = torch.empty_like(h), torch.promote_types(h.dtype, torch.float32)
-        dW, db = (None, None) if W is None else (torch.zeros_like(W, dtype=acc), torch.zeros_like(b, dtype=acc))
-    losses = [h.new_zeros(0, dtype=torch.float32)]
+    weight = torch.where(torch.arange(len(idx), device=h.device) < N, weight[idx], 0) if grad else None
+    losses, dh = [h.new_zeros(0, dtype=torch.float32)], torch.empty_like(h) if grad else None
+    dW, db = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+              if grad and t is not None else None for t in (W, b))
     for i in range(0, len(h), CHUNK):
-        h_c = h[i:i + CHUNK]
-        logits = h_c if W is None else torch.addmm(b, h_c, W.t())
-        out = fn(logits, *[r[i:i + CHUNK] if torch.is_tensor(r) else r for r in rows], grad=weight is not None)
-        if weight is None:
-            losses.append(out)
-            continue
-        losses.append(out[0])
-        d = (out[1] * weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
-        dh[i:i + CHUNK] = d if W is None else d @ W
-        if W is not None:
-            dW += d.t() @ h_c
-            db += d.sum(0)
-    loss = torch.cat(losses)[:N]
-    if weight is None:
-        return loss
-    return loss, dh[:N], dW if W is None else dW.to(W.dtype), db if b is None else db.to(b.dtype)
+        h_c, rows_c = h[i:i + CHUNK], [r[i:i + CHUNK] if torch.is_tensor(r) else r for r in rows]
+        out = fn(h_c if W is None else torch.addmm(b, h_c, W.t()), *rows_c, grad=grad)
+        losses.append(out[0] if grad else out)
+        if grad:
+            d = (out[1] * weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
+            dh[i:i + CHUNK] = d if W is None else d @ W
+            if W is not None:
+                dW += d.t() @ h_c
+                db += d.sum(0)
+    return torch.cat(losses)[:N], None if dh is None else dh[:N], dW, db
 
 
 class LinearLoss(torch.autograd.Function):
-    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits (fused
-    linear-cross-entropy, for any loss kind): the forward computes each chunk's
-    logits, losses and their gradient in one go, the backward only scales the
-    result. The matmul FLOPs are the plain path's (2NdV forward, 4NdV backward)
-    and nothing is recomputed; instead of several (N, V) tensors (the logits,
-    their float32 copy, the softmax, its gradient) a few (CHUNK, V) ones live."""
+    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits: the forward computes
+    each chunk's logits, losses and gradients at once (as fused linear-cross-entropy
+    kernels do), the backward only scales them. The matmul FLOPs are the plain path's
+    (2NdV + 4NdV), nothing is recomputed, and a few (CHUNK, V) buffers replace the (N, V)
+    logits, their float32 copy, the softmax and its gradient."""
 
     @staticmethod
     def forward(ctx, h, W, b, weight, fn, *rows):
-        loss, dh, dW, db = chunked_loss(h, W, b, fn, rows, weight)
-        ctx.save_for_backward(dh, dW, db)
+        loss, *grads = chunked_loss(h, W, b, fn, rows, weight)
+        ctx.save_for_backward(*grads)
         ctx.n_rows = len(rows)
         return (weight * loss).sum()
 

@@ -138,9 +138,7 @@ def peak_flops(device, dtype):
     return 2 * n ** 3 / best
 
 
-def mfu_flops_per_token(algo, cfg, args):
-    """Forward FLOPs per trained token, attention included, as the method computes them
-    (its mfu_flops: MDLM and Eso-LM run the output layer at masked positions only)."""
+def mfu_flops_per_token(algo, cfg, args):  # attention included; MDLM, Eso-LM: the output layer where masked
     own = getattr(algo, 'mfu_flops', None)
     return own(cfg, args) if own else flops_per_token(cfg, args.block_size, attention=True)
 
