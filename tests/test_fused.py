@@ -157,3 +157,11 @@ def test_exact_oracles_fused_equals_plain(name):
         res.append((loss, torch.autograd.grad(loss, theta)[0]))
     assert torch.allclose(res[0][0], res[1][0], rtol=1e-12) and torch.allclose(res[0][1], res[1][1], atol=1e-12)
     assert res[1][1].abs().sum() > 0
+
+
+def test_bench_refuses_bad_flags_in_one_line():
+    import bench
+    for argv, message in [(['--iters', '0'], '--iters must be >= 1'), (['--top-p', '0'], '--top-p must be in'),
+                          (['--size', '7M'], "unknown size '7M'"), (['--mem-steps', '0'], '--mem-steps must be')]:
+        with pytest.raises(SystemExit, match=message):
+            bench.main(argv)
