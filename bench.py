@@ -139,11 +139,14 @@ def profile(r, args, autocast):
 
 def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
     r, out = setup(spec, args), {}
+    if not args.device.startswith('cuda'):
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # the peak RSS (VmHWM) restarts here: the step's own, model and optimizer included
     for step in range(1, args.mem_steps + 1):
         train_step(r, autocast_for(args))
         if step == 1:
             out['peak_mem_step'] = torch.cuda.max_memory_allocated() if args.device.startswith('cuda') else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
         if step in (20, args.mem_steps):
             out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
     return out

@@ -277,7 +277,7 @@ class Loss:
         return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, *self.rows)
 
 
-CHUNK = 1024  # rows of logits at a time
+CHUNK = 256  # rows of logits at a time: the last chunk's padding wastes < CHUNK rows
 
 
 def chunked_loss(h, W, b, fn, rows, weight=None):
