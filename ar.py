@@ -10,7 +10,7 @@ sample.py and bench.py never branch on the method:
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, in_windows, sample_categorical, start_tokens, top_p_filter
+from model import KVCache, Loss, cross_entropy, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = True  # eval_nll is the exact NLL, not a bound
 
@@ -25,8 +25,9 @@ def vocab_size(K):
 
 def train_loss(model, x, u, args, step, state):
     # -log p(x_l | x_<l), averaged over the L-1 predicted tokens; u (times) unused
-    logits = model(x[:, :-1], causal=True)
-    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    targets = x[:, 1:].flatten()
+    return model(x[:, :-1], causal=True, loss=Loss(cross_entropy, targets, weight=1 / len(targets),
+                                                    fused=getattr(args, 'fused', True)))
 
 
 @torch.no_grad()

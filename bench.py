@@ -4,24 +4,30 @@
     python bench.py --algo ar mdlm duo esolm esolm:alpha0=0.5,batch_split=0.5 --no-sample
     python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte --sample-length 1024 --no-train
     python bench.py --algo ar --size 113M --block-size 1024 --batch-size 16 --compile --json
+    python bench.py --algo ar ar:fused=False mdlm --profile --mem --mem-steps 1 --no-sample
 
 Several --algo entries (NAME or NAME:option=value,...) run in one process,
 interleaved over --rounds, each figure the best round: the machines are shared
 and noisy, so compare the ratios of one run, not numbers across runs. On CPU
 the MFU peak is this machine's measured matmul FLOP/s in the same dtype.
+--mem runs each entry in a fresh process: the peak memory of one training step (CPU: peak
+RSS, setup included; GPU: max allocated), the resident memory after 20 and --mem-steps steps.
 """
 import argparse
 import ast
+import concurrent.futures
 import contextlib
 import copy
 import json
+import multiprocessing
+import resource
 import time
 
 import torch
 
 import data
-from model import DiT, flops_per_token, get_config
-from train import ALGOS, ON_GPU, compile_model, load_algo, peak_flops
+from model import SIZES, DiT, get_config
+from train import ALGOS, ON_GPU, compile_model, load_algo, mfu_flops_per_token, peak_flops
 
 
 def get_parser():
@@ -36,6 +42,11 @@ def get_parser():
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
     p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--compile', action='store_true')
+    p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
+                   help='output layer + loss without all the logits (default: on; entries may set fused=False)')
+    p.add_argument('--profile', action='store_true', help="a step's share in blocks, output layer + loss, optimizer")
+    p.add_argument('--mem', action='store_true', help='peak memory of a step and resident memory over --mem-steps')
+    p.add_argument('--mem-steps', type=int, default=300, help='training steps of --mem (default: 300)')
     p.add_argument('--train', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample-length', type=int, default=256)
@@ -47,6 +58,21 @@ def get_parser():
         with contextlib.suppress(SystemExit):
             load_algo(name).add_args(p.add_argument_group(f'{name} options'))
     return p
+
+
+def check_args(args):  # every flag at parse time: one line naming the fix
+    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1, steps=1)
+    for k, v in least.items():
+        if getattr(args, k) is not None and getattr(args, k) < v:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f'--top-p must be in (0, 1], got {args.top_p}')
+    if args.size not in SIZES:
+        raise SystemExit(f"unknown size '{args.size}': choose one of {', '.join(SIZES)}")
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit('no CUDA device here: use --device cpu')
+    for spec in args.algo:
+        load_algo(spec.partition(':')[0])
 
 
 def variant(spec, args):
@@ -75,15 +101,76 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def train_seconds(model, opt, algo, args, x, u, autocast):
+def train_step(r, autocast, model=None):
+    with autocast:
+        loss = r['algo'].train_loss(model or r['compiled'], r['x'], r['u'], r['args'], 0, {})
+    loss.backward()
+    r['opt'].step()
+    r['opt'].zero_grad(set_to_none=True)
+
+
+def train_seconds(r, args, autocast):
     """Median seconds of one optimizer step (forward, backward, AdamW)."""
-    def step():
-        with autocast:
-            loss = algo.train_loss(model, x, u, args, 0, {})
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return sorted(timed(step, args.device)[0] for _ in range(args.iters))[args.iters // 2]
+    return sorted(timed(lambda: train_step(r, autocast), args.device)[0] for _ in range(args.iters))[args.iters // 2]
+
+
+def profile(r, args, autocast):
+    """Shares of a step: the blocks (a step with a free stand-in for the output layer
+    and loss, less the optimizer), the output layer + loss (forward and backward again
+    on the inputs it had) and the optimizer."""
+    heads = []
+
+    def stand_in(x, loss=None, **kw):
+        def head(h, W, b):
+            heads.append((loss, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
+            return (h * 0).float().sum()  # the blocks still run backward
+        return r['compiled'](x, loss=head, **kw)
+    step, _ = timed(lambda: train_step(r, autocast, stand_in), args.device)
+    with autocast:
+        head, out = timed(lambda: sum(loss(h, W, b) for loss, h, W, b in heads), args.device)
+    head += timed(out.backward, args.device)[0]
+    for p in r['model'].parameters():  # every parameter has a gradient, as in a real step
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    opt, _ = timed(r['opt'].step, args.device)
+    r['opt'].zero_grad(set_to_none=True)
+    return {'share_blocks': (step - opt) / (step + head), 'share_output_layer_loss': head / (step + head),
+            'share_optimizer': opt / (step + head)}
+
+
+def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
+    r, out = setup(spec, args), {}
+    if not args.device.startswith('cuda'):
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # the peak RSS (VmHWM) restarts here: the step's own, model and optimizer included
+    for step in range(1, args.mem_steps + 1):
+        train_step(r, autocast_for(args))
+        if step == 1:
+            out['peak_mem_step'] = torch.cuda.max_memory_allocated() if args.device.startswith('cuda') else \
+                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+        if step in (20, args.mem_steps):
+            out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+    return out
+
+
+def autocast_for(args):
+    dtype = getattr(torch, args.dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else \
+        torch.autocast(torch.device(args.device).type, dtype=dtype)
+
+
+def setup(spec, args):
+    algo, v = variant(spec, args)
+    torch.manual_seed(0)
+    cfg = get_config(args.size, algo.vocab_size(args.vocab_size))
+    model = DiT(cfg).to(args.device)
+    for p in model.parameters():  # random weights (not the zero init), so samplers see varied outputs
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
+    u = ((torch.rand(1) + torch.arange(args.batch_size)) / args.batch_size).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith('cuda'))
+    return dict(algo=algo, args=v, model=model, cfg=cfg, x=x, u=u, opt=opt,
+                compiled=compile_model(model) if args.compile else model)
 
 
 def sample_once(model, algo, args, autocast, cache):
@@ -99,42 +186,38 @@ def sample_once(model, algo, args, autocast, cache):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    check_args(args)
     args.vocab_size = data.get_tokenizer(args.tokenizer).vocab_size
     args.steps = args.steps or args.sample_length
-    dtype = getattr(torch, args.dtype)
-    autocast = contextlib.nullcontext() if dtype == torch.float32 else \
-        torch.autocast(torch.device(args.device).type, dtype=dtype)
+    autocast = autocast_for(args)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'
     runs = []
     for spec in args.algo:
-        algo, v = variant(spec, args)
-        torch.manual_seed(0)
-        cfg = get_config(args.size, algo.vocab_size(args.vocab_size))
-        model = DiT(cfg).to(args.device)
-        for p in model.parameters():  # random weights (not the zero init), so samplers see varied outputs
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.02)
-        x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
-        u = ((torch.rand(1) + torch.arange(args.batch_size)) / args.batch_size).to(args.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith('cuda'))
-        runs.append(dict(algo=algo, args=v, model=model, cfg=cfg, x=x, u=u, opt=opt,
-                         compiled=compile_model(model) if args.compile else model,
-                         result={'algo': spec, 'size': args.size, 'device': device_name, 'dtype': args.dtype,
-                                 'compile': args.compile, 'block_size': args.block_size,
-                                 'batch_size': args.batch_size, 'vocab_size': args.vocab_size}))
+        runs.append(setup(spec, args))
+        runs[-1]['result'] = {'algo': spec, 'size': args.size, 'device': device_name, 'dtype': args.dtype,
+                              'compile': args.compile, 'fused': runs[-1]['args'].fused,
+                              'block_size': args.block_size, 'batch_size': args.batch_size,
+                              'vocab_size': args.vocab_size}
+    if args.mem:
+        for r in runs:  # a fresh process each: one's heap does not hide another's
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+                mem = pool.submit(memory, r['result']['algo'], args).result()
+            r['result'].update({k: v / 2 ** 20 for k, v in mem.items()}, mem_unit='MiB')
     if args.train:
-        peak = peak_flops(args.device, dtype)
+        peak = peak_flops(args.device, getattr(torch, args.dtype))
         for r in runs:  # warm-up (compilation happens here)
             r['model'].train()
-            train_seconds(r['compiled'], r['opt'], r['algo'], r['args'], r['x'], r['u'], autocast)
+            train_seconds(r, args, autocast)
         for _ in range(args.rounds):
             for r in runs:
-                s = train_seconds(r['compiled'], r['opt'], r['algo'], r['args'], r['x'], r['u'], autocast)
-                r['train_s'] = min(r.get('train_s', float('inf')), s)
+                r['train_s'] = min(r.get('train_s', float('inf')), train_seconds(r, args, autocast))
         for r in runs:
+            if args.profile:
+                r['result'].update(profile(r, args, autocast))
             tok_s = args.batch_size * args.block_size / r['train_s']
-            mfu = 3 * flops_per_token(r['cfg'], args.block_size, attention=True) * tok_s / peak
-            r['result'].update(train_tok_per_s=tok_s, mfu=mfu, peak_flops=peak)
+            mfu = 3 * mfu_flops_per_token(r['algo'], r['cfg'], r['args']) * tok_s / peak
+            r['result'].update(train_tok_per_s=tok_s, mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
+                               peak_flops=peak)
     if args.sample:
         for r in runs:
             r['model'].eval()

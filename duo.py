@@ -30,14 +30,13 @@ Same four functions as ar.py, mdlm.py and esolm.py:
   sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 """
 import copy
-import functools
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from model import in_windows, sample_categorical, start_tokens, top_p_filter, unwrap
+from model import Loss, in_windows, sample_categorical, start_tokens, top_p_filter, unwrap
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps (GUIDE §1)
@@ -153,14 +152,18 @@ def gamma_range(args, distill=False):
 # ----------------------------------------------------------------------------
 # loss
 
-def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K):
+def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
     """Closed-form NELBO integrand per token (Duo eq. 17; GUIDE §5), in float32 at least.
     logits (N, V >= K) with -inf beyond K; x clean, z noisy tokens (N,); alpha_t,
     alpha'_t (N,). With xbar = K a x_theta + (1 - a) the loss needs only
     sum_j log xbar_j and xbar at z and x. Written with r = K a / (1 - a):
     log xbar_j = log(1 - a) + softplus(v_j), v_j = log(r x_theta_j), and
     kappa = (1 - a) / (K a + 1 - a) = 1 / (1 + r): no softmax is materialised and
-    no large constants cancel near a = 0 or 1."""
+    no large constants cancel near a = 0 or 1.
+    grad=True also returns d f / d logits (fused path), f = C (term1 - term2), C = a'/(K a), by hand:
+    dv_j / dlogit_k = [j=k] - x_theta_k, d softplus(v)/dv = sigmoid(v) =: s, d sigmoid(-v)/dv = -s (1 - s), so
+      g_j = df/dv_j = C (c s_j + [j=z] ((r/a) s_z (1 - s_z) - (K c + r) s_z) + [j=x] r s_x)
+      df/dlogit_k = g_k - x_theta_k sum_j g_j,   x_theta_k = exp(v_k) / r."""
     dtype = torch.promote_types(logits.dtype, torch.float32)   # float32, or float64 if given
     a, da, logits = alpha_t.to(dtype), dalpha_t.to(dtype), logits.to(dtype)
     r = K * a / (1 - a)
@@ -168,25 +171,26 @@ def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K):
     y_sum = F.softplus(v).sum(-1)                        # sum_j log(xbar_j / (1 - a))
     v_z, v_x = v.gather(-1, z[:, None])[:, 0], v.gather(-1, x[:, None])[:, 0]
     y_z, y_x = F.softplus(v_z), F.softplus(v_x)
-    same = x == z
-    kappa = 1 / (1 + r)
+    same, kappa = x == z, 1 / (1 + r)
     c = torch.where(same, kappa, 1.0)                    # kappa [x==z] + [x!=z]
     term1 = (r / a) * (c - torch.sigmoid(-v_z))          # K (1/xbar_z_true - 1/xbar[z])
     offset = torch.where(same, -(K - 1) * kappa, 1 + r) * torch.log1p(r)  # ((K-1)k[x==z] - [x!=z]/k) log k
     term2 = -c * (y_sum - K * y_z) - r * (y_x - y_z) + offset
-    return da / (K * a) * (term1 - term2)                # >= 0 (a' < 0)
+    C = da / (K * a)
+    if not grad:
+        return C * (term1 - term2)                       # >= 0 (a' < 0)
+    s = torch.sigmoid(v)
+    s_z, s_x = s.gather(-1, z[:, None]), s.gather(-1, x[:, None])
+    g = s.mul_(c[:, None]).scatter_add_(-1, z[:, None], (r / a)[:, None] * s_z * (1 - s_z) - (K * c + r)[:, None] * s_z)
+    g.scatter_add_(-1, x[:, None], r[:, None] * s_x)    # g / C
+    return C * (term1 - term2), C[:, None] * (g - v.exp_().div_(r[:, None]) * g.sum(-1, keepdim=True))
 
 
-@functools.cache
-def compiled_nelbo():
-    """nelbo_per_token through torch.compile, used under the trainer's --compile: it
-    fuses the ~10 elementwise passes over the (N, V) logits (H100, 16k tokens at
-    the GPT-2 vocabulary: 41 -> 13 ms forward + backward)."""
-    return torch.compile(nelbo_per_token)
-
-
-def nelbo_fn(args):
-    return compiled_nelbo() if getattr(args, 'compile', False) else nelbo_per_token
+def nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight=None):
+    """The Loss (model.py) of the NELBO integrand at every position of x, z_t (B, L)."""
+    n = x.shape[1]
+    return Loss(nelbo_per_token, x.flatten(), z_t.flatten(), alpha_t.repeat_interleave(n),
+                dalpha_t.repeat_interleave(n), args.vocab_size, weight=weight, fused=getattr(args, 'fused', True))
 
 
 def prior_kl(K):
@@ -195,15 +199,13 @@ def prior_kl(K):
     return (a + (1 - a) / K) * math.log(K * a + 1 - a) + (K - 1) / K * (1 - a) * math.log(1 - a)
 
 
-def elbo_loss(model, x, t, args, z_t=None):
-    """The NELBO integrand per token (B, L) at times t (B,), at z_t ~ q(z_t | x) (drawn unless given)."""
-    K = args.vocab_size
+def elbo_loss(model, x, t, args, weight=None, z_t=None):
+    """The NELBO integrand per token (B, L) at times t (B,), at z_t ~ q(z_t | x) (drawn
+    unless given), or with weight (a number) the training loss, weight x its sum."""
     alpha_t, dalpha_t = schedule(t)
-    z_t = corrupt(x, alpha_t, K) if z_t is None else z_t
-    logits = model(z_t, sigma=-torch.log(alpha_t).float())  # every position carries a loss: no select
-    n = x.shape[1]
-    return nelbo_fn(args)(logits.flatten(0, 1), x.flatten(), z_t.flatten(),
-                          alpha_t.repeat_interleave(n), dalpha_t.repeat_interleave(n), K).view(x.shape)
+    z_t = corrupt(x, alpha_t, args.vocab_size) if z_t is None else z_t
+    out = model(z_t, sigma=-torch.log(alpha_t).float(), loss=nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight))
+    return out if weight is not None else out.view(x.shape)
 
 
 def curriculum_loss(model, x, u, args):
@@ -218,10 +220,8 @@ def curriculum_loss(model, x, u, args):
     dalpha_t = dalpha_dgamma * (hi - lo)                 # d alpha / dt
     w = gaussian_latent(x, gamma, torch.randn(*x.shape, K, device=x.device))
     z_t = w.argmax(-1)                                   # the uniform-state latent it maps to
-    logits = model((w / args.tau).softmax(-1), sigma=-torch.log(alpha_t).float())
-    n = x.shape[1]
-    return nelbo_fn(args)(logits.flatten(0, 1), x.flatten(), z_t.flatten(),
-                          alpha_t.repeat_interleave(n), dalpha_t.repeat_interleave(n), K).mean()
+    loss = nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight=1 / x.numel())   # the mean per token
+    return model((w / args.tau).softmax(-1), sigma=-torch.log(alpha_t).float(), loss=loss)
 
 
 def distill_round(step, every):
@@ -271,7 +271,7 @@ def train_loss(model, x, u, args, step, state):
         return distill_loss(model, x, u, args, step, state)
     if step < getattr(args, 'curriculum_steps', 0):
         return curriculum_loss(model, x, u, args)
-    return elbo_loss(model, x, EPS + (1 - EPS) * u, args).mean()  # GUIDE §1
+    return elbo_loss(model, x, EPS + (1 - EPS) * u, args, weight=1 / x.numel())  # the mean; GUIDE §1
 
 
 # ----------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def eval_nll(model, x, u, args):
     z_t = torch.where(forced, (x + torch.randint_like(x, 1, K)) % K, corrupt(x, alpha_t, K))
     q_t = (1 - alpha_t[:, None]) * (K - 1) / K
     w = 2 * torch.where(noisy[:, None], L * q_t * forced, z_t == x)
-    return (w * elbo_loss(model, x, t, args, z_t)).sum(1) + L * prior_kl(K), L
+    return (w * elbo_loss(model, x, t, args, z_t=z_t)).sum(1) + L * prior_kl(K), L
 
 
 # ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import math
 import torch
 
 from mdlm import loss_weight, mask_tokens, masked_cross_entropy, masked_subset, schedule
-from model import KVCache, in_windows, sample_categorical, start_tokens, top_p_filter
+from model import KVCache, Loss, flops_per_token, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
 EPS = 1e-3     # the same eps as MDLM (mdlm.schedule uses it)
@@ -107,50 +107,53 @@ def sequential_mask(L, device):
 # ----------------------------------------------------------------------------
 # loss
 
-def token_nll(logits, x_sorted, masked_sorted, K):
-    """Sum per row of -log x_theta at the masked (selected) positions: (B,)."""
-    nll = masked_cross_entropy(logits, x_sorted[masked_sorted], K)  # SUBS: [MASK] logit -inf
-    per_token = torch.zeros(masked_sorted.shape, dtype=nll.dtype, device=nll.device)
-    return per_token.masked_scatter(masked_sorted, nll).sum(1)      # carry-over: clean ones cost 0
+def token_nll(model, z_s, x_s, m_s, K, weight=None, fused=True, select=None, **kw):
+    """Sum per row of -log x_theta at the masked positions m_s (B,) of the sorted input z_s
+    (select: where they sit in it), or with weight (B,) the training loss sum_b weight_b nll_b."""
+    rows = m_s.nonzero()[:, 0]                               # row-major, the order of select
+    loss = Loss(masked_cross_entropy, x_s[m_s], K, weight=None if weight is None else weight[rows], fused=fused)
+    nll = model(z_s, select=m_s if select is None else select, loss=loss, **kw)  # SUBS: [MASK] logit -inf
+    return nll if weight is not None else torch.zeros(len(x_s), dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 
 
-def diffusion_nll(model, x, masked, K):
+def diffusion_nll(model, x, masked, K, weight=None, fused=True):
     """sum_{l masked} -log x_theta(x_l | z_t) (B,), computed causally over the
     order [clean (random), masked (random)] with rotary positions gathered by it."""
     order = sort_order(masked)
     x_s, m_s = x.gather(1, order), masked.gather(1, order)
     z_s = x_s.masked_fill(m_s, K)                            # z_t, sorted
-    logits = model(z_s, causal=True, positions=order, select=m_s)
-    return token_nll(logits, x_s, m_s, K)
+    return token_nll(model, z_s, x_s, m_s, K, weight, fused, causal=True, positions=order)
 
 
-def sequential_nll(model, x, masked, order, K):
+def sequential_nll(model, x, masked, order, K, weight=None, fused=True):
     """sum_{l masked} -log x_theta(x_l | clean tokens, the masked ones before l in
     `order`) (B,): one pass over [z_0, x] (length 2L, positions duplicated)."""
     L = x.shape[1]
     x_s, m_s = x.gather(1, order), masked.gather(1, order)
     z_s = x_s.masked_fill(m_s, K)                            # z_0, sorted
     select = torch.cat([m_s, torch.zeros_like(m_s)], 1)      # loss only at masked z_0 positions
-    logits = model(torch.cat([z_s, x_s], 1), mask=sequential_mask(L, x.device),
-                   positions=torch.cat([order, order], 1), select=select)
-    return token_nll(logits, x_s, m_s, K)
+    return token_nll(model, torch.cat([z_s, x_s], 1), x_s, m_s, K, weight, fused, select,
+                     mask=sequential_mask(L, x.device), positions=torch.cat([order, order], 1))
 
 
-def diffusion_term(model, x, u, args):
-    """Training: one-sample estimate of the diffusion part of the NELBO per sequence
-    (B,); with --loss low_var the weight is 1."""
+def diffusion_term(model, x, u, args, scale):
+    """Training: the diffusion part of the loss, scale x its sum over the sequences;
+    with --loss low_var the weight is 1."""
     t = EPS + (1 - EPS) * u                                  # u: stratified uniforms (GUIDE §1)
     alpha_t, dalpha_t = schedule(t, args.alpha0)             # alpha_0 (1 - (1 - eps) t)
     _, masked = mask_tokens(x, alpha_t, args.vocab_size)     # z_t ~ q(z_t | x)
-    nll = diffusion_nll(model, x, masked, args.vocab_size)
-    return loss_weight(alpha_t, dalpha_t, args) * nll        # -alpha'_t / (1 - alpha_t), or 1
+    w = loss_weight(alpha_t, dalpha_t, args)                 # -alpha'_t / (1 - alpha_t), or 1
+    return diffusion_nll(model, x, masked, args.vocab_size, w * scale, getattr(args, 'fused', True))
 
 
-def sequential_term(model, x, args):
-    """One-sample estimate of the sequential part of the NELBO per sequence (B,)."""
+def sequential_term(model, x, args, scale=None):
+    """One-sample estimate of the sequential part of the NELBO per sequence (B,),
+    or with scale the training loss, scale x their sum (one scalar)."""
     alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
     _, masked = mask_tokens(x, alpha_0, args.vocab_size)     # z_0 ~ q(z_0 | x)
-    return sequential_nll(model, x, masked, sort_order(masked, masked_left_to_right=True), args.vocab_size)
+    weight = None if scale is None else torch.full_like(alpha_0, scale, dtype=torch.float64)
+    order = sort_order(masked, masked_left_to_right=True)
+    return sequential_nll(model, x, masked, order, args.vocab_size, weight, getattr(args, 'fused', True))
 
 
 def train_loss(model, x, u, args, step, state):
@@ -165,10 +168,17 @@ def train_loss(model, x, u, args, step, state):
     loss = 0.0
     if n > 0:  # u ascends over the micro-batch: give the diffusion rows an evenly spread subset of it
         spread = torch.arange(n, device=u.device) * B // n
-        loss = loss + diffusion_term(model, x[:n], u[spread], args).sum() / (n * L)
+        loss = loss + diffusion_term(model, x[:n], u[spread], args, scale=1 / (n * L))
     if n < B:
-        loss = loss + sequential_term(model, x[n:], args).sum() / ((B - n) * L)
+        loss = loss + sequential_term(model, x[n:], args, scale=1 / ((B - n) * L))
     return loss
+
+
+def mfu_flops(cfg, args):
+    """Forward FLOPs per token: diffusion rows output where masked (E = 1 - alpha_0 / 2);
+    sequential rows run the blocks over 2L tokens, output at the (1 - alpha_0) L masked z_0."""
+    L, a0, s = args.block_size, args.alpha0, args.batch_split
+    return s * flops_per_token(cfg, L, True, 1 - a0 / 2) + (1 - s) * 2 * flops_per_token(cfg, 2 * L, True, (1 - a0) / 2)
 
 
 # ----------------------------------------------------------------------------

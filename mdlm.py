@@ -35,9 +35,8 @@ Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight,
 masked_subset.
 """
 import torch
-import torch.nn.functional as F
 
-from model import in_windows, sample_categorical, start_tokens, top_p_filter
+from model import Loss, cross_entropy, flops_per_token, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO, an upper bound on the NLL
 EPS = 1e-3     # alpha_1 = eps: the schedule stops just short of all-masked (GUIDE §1)
@@ -78,12 +77,12 @@ def time_sigma(alpha_t, args):
 # ----------------------------------------------------------------------------
 # loss
 
-def masked_cross_entropy(logits, targets, mask_id):
+def masked_cross_entropy(logits, targets, mask_id, grad=False):
     """-log x_theta(z_t)_l[x^l] for the selected (masked) positions, logits (N, V).
     SUBS zero masking: the [MASK] logit is -inf, so x_theta never predicts [MASK].
     (Carry-over: unmasked positions are never selected, so they cost nothing.)"""
     logits[:, mask_id] = float('-inf')  # in place: the output layer does not save its output
-    return F.cross_entropy(logits, targets, reduction='none')
+    return cross_entropy(logits, targets, grad)
 
 
 def loss_weight(alpha_t, dalpha_t, args):
@@ -94,28 +93,35 @@ def loss_weight(alpha_t, dalpha_t, args):
     return torch.ones_like(alpha_t)
 
 
-def masked_nll(model, x, masked, alpha_t, args):
-    """-log x_theta(z_t)_l[x^l] at the masked positions (N,), row-major, and the row of each."""
+def masked_nll(model, x, masked, alpha_t, args, weight=None):
+    """-log x_theta(z_t)_l[x^l] at the masked positions (N,), row-major, and the row of each;
+    with a per-sequence weight (B,), their weighted sum instead: the training loss (the fused
+    path needs the weights up front)."""
     rows, cols = masked.nonzero(as_tuple=True)    # row-major, the order of select= below
     z_t = torch.where(masked, args.vocab_size, x)
-    logits = model(z_t, sigma=time_sigma(alpha_t, args), select=masked)  # output layer only where masked
-    return masked_cross_entropy(logits, x[rows, cols], args.vocab_size), rows
+    loss = Loss(masked_cross_entropy, x[rows, cols], args.vocab_size, fused=getattr(args, 'fused', True),
+                weight=None if weight is None else weight[rows])
+    return model(z_t, sigma=time_sigma(alpha_t, args), select=masked, loss=loss), rows  # output layer at masks
 
 
-def masked_losses(model, x, u, args):
+def masked_losses(model, x, u, args, train=False):
     """One draw of the forward process and the network's loss on it: returns
     -log x_theta(z_t)_l[x^l] at the masked positions (N,), the row of each,
-    and alpha_t, alpha'_t (B,)."""
+    and alpha_t, alpha'_t (B,); train=True: the training loss, per token."""
     t = EPS + (1 - EPS) * u                       # u: stratified uniforms from the trainer (GUIDE §1)
     alpha_t, dalpha_t = schedule(t)
     _, masked = mask_tokens(x, alpha_t, args.vocab_size)
-    return *masked_nll(model, x, masked, alpha_t, args), alpha_t, dalpha_t
+    w = loss_weight(alpha_t, dalpha_t, args) / x.numel() if train else None  # per token, over B*L
+    nll, rows = masked_nll(model, x, masked, alpha_t, args, w)
+    return nll if train else (nll, rows, alpha_t, dalpha_t)
 
 
 def train_loss(model, x, u, args, step, state):
-    nll, rows, alpha_t, dalpha_t = masked_losses(model, x, u, args)
-    w = loss_weight(alpha_t, dalpha_t, args)
-    return (w[rows] * nll).sum() / x.numel()      # per token, over all B*L positions
+    return masked_losses(model, x, u, args, train=True)
+
+
+def mfu_flops(cfg, args):  # per token: the output layer runs at the masked positions, E[1 - alpha_t] = 1/2
+    return flops_per_token(cfg, args.block_size, attention=True, out_share=0.5)
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Plain forward signature, which every loss and sampler uses (so any callable
 with it can stand in for the network in tests):
 
     logits = model(x, sigma=None, causal=False, mask=None, positions=None,
-                   cache=None, select=None)
+                   cache=None, select=None, loss=None)
+
+With loss= (a Loss) it returns that loss instead; a stand-in applies loss(logits).
 """
 import math
 from dataclasses import dataclass
@@ -55,13 +57,14 @@ def get_config(size, vocab_size, **kw):
     return Config(vocab_size=vocab_size, n_embd=d, n_layer=n_layer, n_head=n_head, **kw)
 
 
-def flops_per_token(cfg, seq_len, attention=False):
+def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
     """Forward FLOPs per token. Without attention: the seed's count (GUIDE §7),
     2 x every matmul weight applied per token (qkv, out, MLP, output layer) plus
     the adaLN modulation, which runs once per sequence. With attention: adds
-    the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward), for MFU."""
+    the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward), for MFU.
+    out_share: the fraction of tokens that reach the output layer (MDLM: E[t] = 1/2)."""
     d, n = cfg.n_embd, cfg.n_layer
-    per_token = 2 * (n * 12 * d * d + d * cfg.vocab_size)
+    per_token = 2 * (n * 12 * d * d + out_share * d * cfg.vocab_size)
     per_seq = 2 * cfg.cond_dim * (n * 6 * d + 2 * d)
     flops = per_token + per_seq / seq_len
     if attention:
@@ -202,13 +205,14 @@ class DiT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.numel() - self.out.weight.numel()
 
-    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         """x: token ids (B, L) or probability vectors (B, L, K) over the first K ids.
         sigma: (B,) noise level for adaLN (zeros if None). causal / mask: attention
         (mask is boolean, True = may attend, broadcastable to (B, H, L, Lk)).
         positions: (B, L) rotary positions (default: cache.len + 0..L-1).
         select: optional boolean (B, L): return logits only there, shape (N, V).
-        Returns logits (B, L, V) over the padded vocabulary (padding = -inf)."""
+        Returns logits (B, L, V) over the padded vocabulary (padding = -inf),
+        or with loss= (a Loss) that loss of the (selected) positions."""
         if x.dtype.is_floating_point:   # soft input: weighted sum of embeddings
             h = x @ self.embed[:x.shape[-1]].to(x.dtype)
         else:
@@ -229,7 +233,95 @@ class DiT(nn.Module):
         h = modulate(self.norm_out(h), shift, scale)
         if select is not None:  # output layer only where a loss needs it
             h = h[select]
+        if loss is not None:
+            return loss(h, self.out.weight, self.out.bias + self.pad_bias)
         return F.linear(h, self.out.weight, self.out.bias + self.pad_bias)
+
+
+# ----------------------------------------------------------------------------
+# the output layer and its loss in one (--fused, the default)
+
+def cross_entropy(logits, targets, grad=False):
+    """-log softmax(logits)[target] per row (N,), in float32 at least; with grad=True
+    also its gradient in the logits, softmax(logits) - onehot(target) (N, V)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = logits.logsumexp(-1)
+    loss = lse - logits.gather(-1, targets[:, None])[:, 0]
+    if not grad:
+        return loss
+    d = (logits - lse[:, None]).exp_()
+    d[torch.arange(len(targets), device=d.device), targets] -= 1
+    return loss, d
+
+
+class Loss:
+    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the
+    network outputs (rows: per-row tensors or constants; fn, e.g. cross_entropy, also
+    returns d loss / d logits with grad=True). With weight ((N,) or a number): the
+    training loss sum_i weight_i loss_i. fused=False: the plain path, logits then fn."""
+
+    def __init__(self, fn, *rows, weight=None, fused=True):
+        self.fn, self.rows, self.weight, self.fused = fn, rows, weight, fused
+
+    def __call__(self, h, W=None, b=None):  # W=None: h are logits (a stand-in network)
+        h = h.flatten(0, -2)
+        if not self.fused:
+            loss = self.fn(h if W is None else F.linear(h, W, b), *self.rows)
+            return loss if self.weight is None else (self.weight * loss).sum()
+        if W is not None and torch.is_autocast_enabled(h.device.type):  # cast once, as F.linear would
+            h, W, b = (t.to(torch.get_autocast_dtype(h.device.type)) for t in (h, W, b))
+        if self.weight is None:
+            with torch.no_grad():
+                return chunked_loss(h, W, b, self.fn, self.rows)[0]
+        w = torch.as_tensor(self.weight, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, *self.rows)
+
+
+CHUNK = 256  # rows of logits at a time: the last chunk's padding wastes < CHUNK rows
+
+
+def chunked_loss(h, W, b, fn, rows, weight=None):
+    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with weight
+    the gradients of sum_i weight_i loss_i in h, W, b from the same logits. The last chunk
+    is padded (the last row again, weight 0): every call allocates the same (CHUNK, V)
+    blocks, so the heap does not fragment under sizes that change every step."""
+    N, grad = len(h), weight is not None
+    idx = torch.arange(-(-N // CHUNK) * CHUNK, device=h.device).clamp(max=max(N - 1, 0))
+    h, rows = h[idx], [r[idx] if torch.is_tensor(r) else r for r in rows]
+    weight = torch.where(torch.arange(len(idx), device=h.device) < N, weight[idx], 0) if grad else None
+    losses, dh = [h.new_zeros(0, dtype=torch.float32)], torch.empty_like(h) if grad else None
+    dW, db = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+              if grad and t is not None else None for t in (W, b))
+    for i in range(0, len(h), CHUNK):
+        h_c, rows_c = h[i:i + CHUNK], [r[i:i + CHUNK] if torch.is_tensor(r) else r for r in rows]
+        out = fn(h_c if W is None else torch.addmm(b, h_c, W.t()), *rows_c, grad=grad)
+        losses.append(out[0] if grad else out)
+        if grad:
+            d = (out[1] * weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
+            dh[i:i + CHUNK] = d if W is None else d @ W
+            if W is not None:
+                dW += d.t() @ h_c
+                db += d.sum(0)
+    return torch.cat(losses)[:N], None if dh is None else dh[:N], dW, db
+
+
+class LinearLoss(torch.autograd.Function):
+    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits: the forward computes
+    each chunk's logits, losses and gradients at once (as fused linear-cross-entropy
+    kernels do), the backward only scales them. The matmul FLOPs are the plain path's
+    (2NdV + 4NdV), nothing is recomputed, and a few (CHUNK, V) buffers replace the (N, V)
+    logits, their float32 copy, the softmax and its gradient."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, weight, fn, *rows):
+        loss, *grads = chunked_loss(h, W, b, fn, rows, weight)
+        ctx.save_for_backward(*grads)
+        ctx.n_rows = len(rows)
+        return (weight * loss).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return *(None if d is None else g * d for d in ctx.saved_tensors), None, None, *[None] * ctx.n_rows
 
 
 def unwrap(model):

@@ -12,7 +12,7 @@ K, L = 3, 4
 
 def oracle(seqs, probs):
     """A stand-in network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         assert causal and cache is None
         B, n = x.shape
         out = torch.empty(B, n, K, dtype=torch.float64)
@@ -20,7 +20,8 @@ def oracle(seqs, probs):
             padded = torch.cat([x, torch.zeros(B, L - n, dtype=torch.long)], 1)
             known = torch.arange(L) <= l
             out[:, l] = conditionals(seqs, probs, padded, known.expand(B, L), K)[:, l + 1]
-        return out.log() if select is None else out.log()[select]
+        out = out.log() if select is None else out.log()[select]
+        return out if loss is None else loss(out)
     return model
 
 

@@ -30,7 +30,7 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
     leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);
     else the full posterior p(x_l | z), which also conditions on z_l.
     The first clean_prefix positions are known clean (a prompt)."""
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         a = torch.exp(-sigma.double())[:, None, None]
         q = a * (seqs[None] == z[:, None]) + (1 - a) / K                 # (B, N, L): q(z_l | x_l)
         q[..., :clean_prefix] = (seqs[None] == z[:, None])[..., :clean_prefix].double()
@@ -39,7 +39,8 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
         for l in range(L):
             w = probs * torch.exp(logq.sum(-1) - (logq[..., l] if leave_one_out else 0))
             out[:, l].scatter_add_(1, seqs[:, l].expand(z.shape[0], -1), w)
-        return (out / out.sum(-1, keepdim=True)).log()
+        out = (out / out.sum(-1, keepdim=True)).log()
+        return out if loss is None else loss(out)
     return model
 
 
@@ -163,7 +164,7 @@ def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
     u = (torch.rand(1) + torch.arange(S)) / S
     seen = []
     oracle = noisy_oracle(seqs, probs)
-    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma), x, u, args_for())
+    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma, **kw), x, u, args_for())
     assert n == L
     assert abs(nll.mean().item() - exact) < 4 * nll.std().item() / math.sqrt(S)
     # ... with times over all of (0, 1] (t = 1 - u), not training's [eps, 1]
@@ -364,7 +365,7 @@ def test_curriculum_loss_is_the_discrete_elbo_at_the_transformed_alpha():
     u = (torch.rand(1) + torch.arange(B)) / B
     logits = torch.randn(B, n, V, dtype=torch.float64)
     seen = []
-    model = lambda w, sigma=None, **kw: seen.append(w) or logits
+    model = lambda w, sigma=None, loss=None, **kw: seen.append(w) or (logits if loss is None else loss(logits))
     loss = duo.train_loss(model, x, u, args_for(vocab_size=V, curriculum_steps=1, tau=0.1), 0, {})
     z = seen[0].argmax(-1)  # softmax(w / tau) keeps the argmax of w
     gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u.double())  # linear in t over [gamma_min, gamma_max]

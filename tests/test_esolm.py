@@ -24,7 +24,7 @@ def oracle(seqs, probs, K):
     loss or sampler that forgets zero masking is caught."""
     L = seqs.shape[1]
 
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         B, n = x.shape
         assert positions is not None and sigma is None
         if cache is not None:  # queries see every committed key and are causal among themselves
@@ -47,17 +47,19 @@ def oracle(seqs, probs, K):
             tokens = torch.full((B, L), -1).scatter_reduce(1, pos, torch.where(clean, ids, -1), 'amax')
             cond = conditionals(seqs, probs, tokens.clamp(min=0), tokens >= 0, K)          # (B, L, K)
             out[:, q, :K] = cond[torch.arange(B), positions[:, q]].log()
-        return out if select is None else out[select]
+        out = out if select is None else out[select]
+        return out if loss is None else loss(out)
     return model
 
 
 def recorder(model, calls):
     """Wraps a network: records each call's input and keywords, and the full logits."""
     def rec(x, **kw):
-        select = kw.pop('select', None)
+        select, loss = kw.pop('select', None), kw.pop('loss', None)
         out = model(x, **kw)
         calls.append((x.clone(), kw, out))
-        return out if select is None else out[select]
+        out = out if select is None else out[select]
+        return out if loss is None else loss(out)
     return rec
 
 

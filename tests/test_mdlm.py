@@ -32,10 +32,11 @@ def oracle(seqs, probs, K):
     table = torch.cat([table, torch.full((len(states), L, 1), 5.0, dtype=table.dtype)], -1)
     base = (K + 1) ** torch.arange(L - 1, -1, -1)
 
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         assert not causal and mask is None and cache is None and positions is None
         out = table[(z * base).sum(-1)]
-        return out if select is None else out[select]
+        out = out if select is None else out[select]
+        return out if loss is None else loss(out)
     return model
 
 

@@ -1,0 +1,167 @@
+"""The fused output layer + loss (model.Loss, --fused) against the plain path:
+the same loss and the same gradients for every method, in float64."""
+import argparse
+
+import pytest
+import torch
+
+import ar
+import duo
+import esolm
+import mdlm
+import model as M
+from model import DiT, Loss, get_config
+from test_ar import oracle as ar_oracle
+from test_duo import noisy_oracle
+from test_mdlm import oracle as mdlm_oracle
+from toy import toy_distribution
+
+K, B, L = 37, 3, 12  # vocabulary padded to 128: the -inf columns are exercised
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows: N is never a multiple, and no call sees more than 7 rows."""
+    monkeypatch.setattr(M, 'CHUNK', 7)
+
+
+def random_dit(vocab, seed=0):
+    torch.manual_seed(seed)
+    net = DiT(get_config('tiny', vocab)).double()
+    for p in net.parameters():  # leave the zero init so every weight gets a gradient
+        torch.nn.init.normal_(p, std=0.3)
+    return net
+
+
+def loss_and_grads(algo, net, args, fused):
+    args.fused = fused
+    torch.manual_seed(1)
+    x = torch.randint(0, K, (B, L))
+    u = (torch.rand(1) + torch.arange(B)) / B
+    loss = algo.train_loss(net, x, u, args, 0, {})
+    return loss, torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+
+
+def assert_same(algo, net, args, tol=1e-10):
+    (l0, g0), (l1, g1) = loss_and_grads(algo, net, args, False), loss_and_grads(algo, net, args, True)
+    assert l0.dtype == l1.dtype == net.embed.dtype
+    assert torch.allclose(l0, l1, rtol=tol, atol=0), (l0, l1)
+    for a, b in zip(g0, g1):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2), (a - b).abs().max()
+    assert sum(a.abs().sum() for a in g1 if a is not None) > 0
+
+
+def ns(**kw):
+    return argparse.Namespace(vocab_size=K, **kw)
+
+
+def test_ar_fused_equals_plain():
+    assert_same(ar, random_dit(ar.vocab_size(K)), ns())
+
+
+@pytest.mark.parametrize('loss', ['low_var', 'elbo'])
+def test_mdlm_fused_equals_plain(loss):  # elbo: per-row weights 1/t
+    assert_same(mdlm, random_dit(mdlm.vocab_size(K)), ns(loss=loss, time_cond=True))
+
+
+@pytest.mark.parametrize('alpha0, split', [(1.0, 1.0), (0.0, 0.0), (0.5, 1 / 3)])
+def test_esolm_fused_equals_plain(alpha0, split):  # diffusion, sequential, and both (split normalisation)
+    args = ns(loss='elbo', alpha0=alpha0, batch_split=split, time_cond=False, iw_orders=0)
+    assert_same(esolm, random_dit(esolm.vocab_size(K)), args)
+
+
+@pytest.mark.parametrize('curriculum', [0, 1])
+def test_duo_fused_equals_plain(curriculum, monkeypatch):  # the NELBO, and the curriculum (soft input)
+    latent = duo.gaussian_latent
+    monkeypatch.setattr(duo, 'gaussian_latent', lambda *a: latent(*a).double())  # a float64 soft input
+    args = ns(curriculum_steps=curriculum, tau=0.1, gamma_min=None, gamma_max=None, distill_from=None)
+    assert_same(duo, random_dit(duo.vocab_size(K)), args)
+
+
+def test_duo_hand_gradient_is_the_autograd_one():
+    """d NELBO / d logits by hand (nelbo_per_token, grad=True) against autograd of the
+    value, at extreme alpha, x == z and x != z, with -inf padding columns."""
+    g = torch.Generator().manual_seed(0)
+    Kd, V, N = 5, 8, 40
+    logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    pad = torch.zeros(V, dtype=torch.float64)
+    pad[Kd:] = float('-inf')
+    x = torch.randint(0, Kd, (N,), generator=g)
+    z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kd, (N,), generator=g))
+    a = torch.tensor([1e-5, 1e-3, 0.3, 0.9, 1 - 1e-4], dtype=torch.float64).repeat(N // 5)
+    da = torch.full((N,), -(1 - duo.EPS), dtype=torch.float64)
+    value = duo.nelbo_per_token(logits + pad, x, z, a, da, Kd)
+    (auto,) = torch.autograd.grad(value.sum(), logits)
+    with torch.no_grad():
+        loss, hand = duo.nelbo_per_token(logits + pad, x, z, a, da, Kd, grad=True)
+    assert torch.equal(loss, value.detach())
+    assert torch.allclose(hand, auto, rtol=1e-9, atol=1e-9), (hand - auto).abs().max()  # |grad| up to 1e4
+    assert (hand[:, Kd:] == 0).all()
+
+
+def test_weighted_rows_chunked_and_without_grad():
+    """Per-row weights, N = 23 rows in chunks of 7, and the no-grad per-row values;
+    the loss kind never sees more than a chunk of logits."""
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 23, 6, 19
+    h = torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    t, w = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g, dtype=torch.float64)
+    seen = []
+
+    def spy(logits, targets, grad=False):
+        seen.append(len(logits))
+        return M.cross_entropy(logits, targets, grad)
+    out = [Loss(spy, t, weight=w, fused=fused)(h, W, b) for fused in (False, True)]
+    assert max(seen[1:]) == 7 and seen[0] == N
+    grads = [torch.autograd.grad(o, (h, W, b)) for o in out]
+    assert torch.allclose(out[0], out[1], rtol=1e-12)
+    for a, c in zip(*grads):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        rows = [Loss(M.cross_entropy, t, fused=fused)(h, W, b) for fused in (False, True)]
+    assert rows[1].shape == (N,) and torch.allclose(rows[0], rows[1], rtol=1e-12)
+    empty = Loss(M.cross_entropy, t[:0], weight=w[:0])(h[:0], W, b)   # nothing masked: loss 0, no gradient
+    assert empty.item() == 0 and (torch.autograd.grad(empty, W)[0] == 0).all()
+
+
+def with_bias(oracle):
+    """A toy oracle plus a learnable logit bias theta, so there is a gradient to compare."""
+    theta = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+
+    def net(x, loss=None, **kw):
+        out = oracle(x, **kw)
+        out = out + theta[:out.shape[-1]]
+        return out if loss is None else loss(out)
+    return net, theta
+
+
+@pytest.mark.parametrize('name', ['ar', 'mdlm', 'duo'])
+def test_exact_oracles_fused_equals_plain(name):
+    Kt, Lt = 3, 4 if name == 'ar' else 3
+    seqs, probs = toy_distribution(Kt, Lt, seed=0)
+    algo, oracle, args = {'ar': (ar, ar_oracle(seqs, probs), ns()),
+                          'mdlm': (mdlm, mdlm_oracle(seqs, probs, Kt), ns(loss='elbo')),
+                          'duo': (duo, noisy_oracle(seqs, probs), ns(curriculum_steps=0))}[name]
+    args.vocab_size = Kt
+    net, theta = with_bias(oracle)
+    res = []
+    for fused in (False, True):
+        args.fused = fused
+        torch.manual_seed(0)
+        u = (torch.rand(1) + torch.arange(len(seqs))) / len(seqs)
+        loss = algo.train_loss(net, seqs, u, args, 0, {})
+        res.append((loss, torch.autograd.grad(loss, theta)[0]))
+    assert torch.allclose(res[0][0], res[1][0], rtol=1e-12) and torch.allclose(res[0][1], res[1][1], atol=1e-12)
+    assert res[1][1].abs().sum() > 0
+
+
+def test_bench_refuses_bad_flags_in_one_line():
+    import bench
+    for argv, message in [(['--iters', '0'], '--iters must be >= 1'), (['--top-p', '0'], '--top-p must be in'),
+                          (['--size', '7M'], "unknown size '7M'"), (['--mem-steps', '0'], '--mem-steps must be')]:
+        with pytest.raises(SystemExit, match=message):
+            bench.main(argv)
