@@ -1,16 +1,11 @@
-"""The one network shared by AR, MDLM, Duo and Eso-LM: the seed's DiT transformer.
+"""The one network shared by AR, MDLM, Duo and Eso-LM: the seed's DiT transformer (../shared/GUIDE.md §2).
 
-Pre-LayerNorm blocks (weight, no bias), rotary positions, adaLN time conditioning
-on sigma, tanh-GELU MLP, zero-initialised modulation and output layer, untied
-embeddings. The network knows no method: a method chooses the attention
-(causal, bidirectional or a boolean mask), the rotary positions, sigma, and
-whether to decode incrementally with a KV cache. See ../shared/GUIDE.md §2.
+Pre-LayerNorm blocks (weight, no bias), rotary positions, adaLN time conditioning on sigma, tanh-GELU MLP,
+zero-initialised modulation and output layer, untied embeddings. The network knows no method: a method
+chooses the attention (causal, bidirectional or a boolean mask), the rotary positions, sigma, and whether
+to decode incrementally with a KV cache. Every loss and sampler calls it (any callable alike can stand in):
 
-Plain forward signature, which every loss and sampler uses (so any callable
-with it can stand in for the network in tests):
-
-    logits = model(x, sigma=None, causal=False, mask=None, positions=None,
-                   cache=None, select=None, loss=None)
+    logits = model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None)
 
 With loss= (a Loss) it returns that loss instead; a stand-in applies loss(logits).
 """
@@ -23,16 +18,14 @@ import torch.nn.functional as F
 
 # name: (d_model, layers, heads). The seed's ladder (GUIDE §8) plus CPU sizes.
 SIZES = {
-    'tiny': (64, 2, 2), 'mini': (128, 4, 4), 'small': (192, 4, 6),
-    '6M': (256, 6, 4), '19M': (384, 8, 6), '34M': (512, 8, 8), '48M': (576, 9, 9),
-    '66M': (640, 10, 10), '75M': (640, 16, 8), '85M': (640, 13, 10),
-    '113M': (768, 12, 12), '142M': (768, 15, 12), '170M': (768, 18, 12),
-    '180M': (896, 14, 14), '206M': (896, 16, 14), '231M': (896, 18, 14),
-    '268M': (1024, 16, 16), '302M': (1024, 18, 16), '336M': (1024, 20, 16),
-    '472M': (1280, 18, 10), '551M': (1280, 21, 10), '571M': (1408, 18, 11),
-    '629M': (1280, 24, 10), '666M': (1408, 21, 11), '761M': (1408, 24, 11),
-    '831M': (1536, 22, 12), '944M': (1536, 25, 12), '1233M': (1792, 24, 14),
-    '1476M': (2048, 22, 16), '1678M': (2048, 25, 16), '2121M': (2176, 28, 17),
+    'tiny': (64, 2, 2), 'mini': (128, 4, 4), 'small': (192, 4, 6), '6M': (256, 6, 4), '19M': (384, 8, 6),
+    '34M': (512, 8, 8), '48M': (576, 9, 9), '66M': (640, 10, 10), '75M': (640, 16, 8), '85M': (640, 13, 10),
+    '113M': (768, 12, 12), '142M': (768, 15, 12), '170M': (768, 18, 12), '180M': (896, 14, 14),
+    '206M': (896, 16, 14), '231M': (896, 18, 14), '268M': (1024, 16, 16), '302M': (1024, 18, 16),
+    '336M': (1024, 20, 16), '472M': (1280, 18, 10), '551M': (1280, 21, 10), '571M': (1408, 18, 11),
+    '629M': (1280, 24, 10), '666M': (1408, 21, 11), '761M': (1408, 24, 11), '831M': (1536, 22, 12),
+    '944M': (1536, 25, 12), '1233M': (1792, 24, 14), '1476M': (2048, 22, 16), '1678M': (2048, 25, 16),
+    '2121M': (2176, 28, 17),
 }
 
 
@@ -58,31 +51,19 @@ def get_config(size, vocab_size, **kw):
 
 
 def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
-    """Forward FLOPs per token. Without attention: the seed's count (GUIDE §7),
-    2 x every matmul weight applied per token (qkv, out, MLP, output layer) plus
-    the adaLN modulation, which runs once per sequence. With attention: adds
-    the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward), for MFU.
-    out_share: the fraction of tokens that reach the output layer (MDLM: E[t] = 1/2)."""
+    """Forward FLOPs per token. Without attention: the seed's count (GUIDE §7), 2 x every matmul weight
+    applied per token (qkv, out, MLP, output layer) plus the adaLN modulation, which runs once per
+    sequence. With attention: adds the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward),
+    for MFU. out_share: the fraction of tokens that reach the output layer (MDLM: E[t] = 1/2)."""
     d, n = cfg.n_embd, cfg.n_layer
     per_token = 2 * (n * 12 * d * d + out_share * d * cfg.vocab_size)
     per_seq = 2 * cfg.cond_dim * (n * 6 * d + 2 * d)
-    flops = per_token + per_seq / seq_len
-    if attention:
-        flops += 4 * n * d * seq_len  # QK^T and AV: 2 * 2 * d * T per layer
-    return flops
+    attn = 4 * n * d * seq_len if attention else 0  # QK^T and AV: 2 * 2 * d * T per layer
+    return per_token + per_seq / seq_len + attn
 
 
 # ----------------------------------------------------------------------------
 # building blocks
-
-class LayerNorm(nn.Module):  # weight, no bias
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), self.weight)
-
 
 def modulate(x, shift, scale):  # adaLN
     return x * (1 + scale) + shift
@@ -112,11 +93,10 @@ def sigma_embedding(sigma, dim=256, max_period=10000.0):
 class KVCache:
     """Keys and values of committed tokens, for incremental decoding.
 
-    A forward pass with `cache=` runs only the new tokens: their queries attend
-    to every cached key and causally among themselves; their keys/values are
-    appended and `cache.len` advances past them. A method that wants to keep
-    only the first m new tokens (Eso-LM: the others are still masked) calls
-    `cache.truncate(old_len + m)`; the rest are overwritten next time."""
+    A forward pass with `cache=` runs only the new tokens: their queries attend to every cached
+    key and causally among themselves; their keys/values are appended and `cache.len` advances
+    past them. A method that wants to keep only the first m new tokens (Eso-LM: the others are
+    still masked) calls `cache.truncate(old_len + m)`; the rest are overwritten next time."""
 
     def __init__(self, max_len):
         self.k, self.v = {}, {}  # layer -> (B, H, max_len, head_dim)
@@ -125,13 +105,11 @@ class KVCache:
     def update(self, layer, k, v):
         B, H, n, hd = k.shape
         if layer not in self.k:
-            self.k[layer] = k.new_empty(B, H, self.max_len, hd)
-            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
+            self.k[layer], self.v[layer] = (t.new_empty(B, H, self.max_len, hd) for t in (k, v))
         end = self.len + n
         if end > self.max_len:
             raise ValueError(f'KV cache full: {end} > max_len {self.max_len}')
-        self.k[layer][:, :, self.len:end] = k
-        self.v[layer][:, :, self.len:end] = v
+        self.k[layer][:, :, self.len:end], self.v[layer][:, :, self.len:end] = k, v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def truncate(self, length):
@@ -150,11 +128,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # new queries see all cached keys, causal among themselves
-            start = cache.len
             k, v = cache.update(layer, k, v)
-            causal, mask = False, None
-            if L > 1:
-                mask = torch.arange(start + L, device=x.device) <= start + torch.arange(L, device=x.device)[:, None]
+            j = torch.arange(k.shape[2], device=x.device)  # key positions 0..cache.len+L-1
+            causal, mask = False, (j <= j[-L:, None] if L > 1 else None)  # query i is key cache.len+i
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
@@ -164,7 +140,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.n_embd
-        self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
+        self.norm1, self.norm2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
         self.attn = Attention(cfg)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)  # shift, scale, gate for attention and MLP
@@ -185,27 +161,26 @@ class DiT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        d, V = cfg.n_embd, cfg.padded_vocab
+        d, V, c = cfg.n_embd, cfg.padded_vocab, cfg.cond_dim
         self.embed = nn.Parameter(torch.empty(V, d))
         nn.init.kaiming_uniform_(self.embed, a=math.sqrt(5))
-        self.sigma_mlp = nn.Sequential(nn.Linear(256, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.sigma_mlp = nn.Sequential(nn.Linear(256, c), nn.SiLU(), nn.Linear(c, c))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_out = LayerNorm(d)
-        self.adaLN_out = nn.Linear(cfg.cond_dim, 2 * d)
+        self.norm_out = nn.LayerNorm(d, bias=False)
+        self.adaLN_out = nn.Linear(c, 2 * d)
         self.out = nn.Linear(d, V)
         for lin in [b.adaLN for b in self.blocks] + [self.adaLN_out, self.out]:
             nn.init.zeros_(lin.weight)  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(lin.bias)
-        # padded rows never win: -inf logits beyond the real vocabulary
-        pad = torch.zeros(V)
-        pad[cfg.vocab_size:] = float('-inf')
+        pad = torch.where(torch.arange(V) < cfg.vocab_size, 0.0, float('-inf'))  # padded rows never win
         self.register_buffer('pad_bias', pad, persistent=False)
 
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.numel() - self.out.weight.numel()
 
-    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+                loss=None):
         """x: token ids (B, L) or probability vectors (B, L, K) over the first K ids.
         sigma: (B,) noise level for adaLN (zeros if None). causal / mask: attention
         (mask is boolean, True = may attend, broadcastable to (B, H, L, Lk)).
@@ -213,13 +188,10 @@ class DiT(nn.Module):
         select: optional boolean (B, L): return logits only there, shape (N, V).
         Returns logits (B, L, V) over the padded vocabulary (padding = -inf),
         or with loss= (a Loss) that loss of the (selected) positions."""
-        if x.dtype.is_floating_point:   # soft input: weighted sum of embeddings
-            h = x @ self.embed[:x.shape[-1]].to(x.dtype)
-        else:
-            h = self.embed[x]
+        # token ids, or soft input: a weighted sum of embeddings
+        h = x @ self.embed[:x.shape[-1]].to(x.dtype) if x.dtype.is_floating_point else self.embed[x]
         B, L = h.shape[:2]
-        if sigma is None:
-            sigma = torch.zeros(B, device=h.device)
+        sigma = torch.zeros(B, device=h.device) if sigma is None else sigma
         if positions is None:
             start = cache.len if cache is not None else 0
             positions = torch.arange(start, start + L, device=h.device).expand(B, L)
@@ -231,11 +203,8 @@ class DiT(nn.Module):
             cache.len += L
         shift, scale = self.adaLN_out(c)[:, None].chunk(2, dim=-1)
         h = modulate(self.norm_out(h), shift, scale)
-        if select is not None:  # output layer only where a loss needs it
-            h = h[select]
-        if loss is not None:
-            return loss(h, self.out.weight, self.out.bias + self.pad_bias)
-        return F.linear(h, self.out.weight, self.out.bias + self.pad_bias)
+        h = h if select is None else h[select]  # output layer only where a loss needs it
+        return (F.linear if loss is None else loss)(h, self.out.weight, self.out.bias + self.pad_bias)
 
 
 # ----------------------------------------------------------------------------
@@ -306,11 +275,10 @@ def chunked_loss(h, W, b, fn, rows, weight=None):
 
 
 class LinearLoss(torch.autograd.Function):
-    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits: the forward computes
-    each chunk's logits, losses and gradients at once (as fused linear-cross-entropy
-    kernels do), the backward only scales them. The matmul FLOPs are the plain path's
-    (2NdV + 4NdV), nothing is recomputed, and a few (CHUNK, V) buffers replace the (N, V)
-    logits, their float32 copy, the softmax and its gradient."""
+    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits: the forward computes each chunk's
+    logits, losses and gradients at once (as fused linear-cross-entropy kernels do), the backward only
+    scales them. The matmul FLOPs are the plain path's (2NdV + 4NdV), nothing is recomputed, and a few
+    (CHUNK, V) buffers replace the (N, V) logits, their float32 copy, the softmax and its gradient."""
 
     @staticmethod
     def forward(ctx, h, W, b, weight, fn, *rows):
@@ -339,8 +307,7 @@ def top_p_filter(probs, top_p):
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
     return probs / probs.sum(-1, keepdim=True)
 
 
