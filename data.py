@@ -1,15 +1,13 @@
 """Tokenizers, dataset preparation and batches. Knows no model.
 
-    python data.py shakespeare                      # the default: 42 works, shipped in assets/
-    python data.py shakespeare --tokenizer byte     # 257 ids, fast on CPU
+    python data.py shakespeare --tokenizer byte     # 42 shipped works (default); byte: 257 ids, fast on CPU
     python data.py ~/my_texts/                      # a folder (or glob) of .txt files
     python data.py corpus.jsonl --text-column text  # .jsonl / .parquet files
     python data.py openwebtext --max-tokens 1e9     # any Hugging Face dataset (streamed)
     python data.py openwebtext --tokenizer hf:TinyLlama/TinyLlama_v1.1  # a Hugging Face tokenizer
 
-writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per
-split, documents separated by the end-of-text id, as a uint16 memmap (uint32 when the
-vocabulary needs it). The validation split holds whole documents.
+writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per split, documents
+separated by the end-of-text id, as a uint16 memmap (uint32 if the vocabulary needs it); val: whole documents.
 """
 import argparse
 import base64
@@ -53,8 +51,7 @@ class Tokenizer:
 
 @functools.cache
 def get_tokenizer(name):
-    """'byte' (256 bytes + end-of-text), 'gpt2' (= tiktoken r50k_base, shipped), any
-    other tiktoken encoding (cl100k_base, ...: downloaded once), or hf:NAME_OR_PATH."""
+    """'byte' (256 bytes + end-of-text), 'gpt2' (r50k_base, shipped), any tiktoken encoding, or hf:NAME."""
     if name == 'byte':
         decode = lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')  # noqa: E731
         return Tokenizer('byte', lambda s: list(s.encode('utf-8')), decode, 257, 256)
@@ -128,8 +125,7 @@ def utf8(raw, where):
 
 
 def documents(name, args):
-    """Yield the documents of a dataset: one per .txt file (or shipped work), one per
-    row of .jsonl/.parquet files, or the rows of a Hub dataset."""
+    """Yield a dataset's documents: one per .txt file (or shipped work), .jsonl/.parquet row or Hub row."""
     if name == 'shakespeare':
         with tarfile.open(SHAKESPEARE) as tar:
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
@@ -190,8 +186,7 @@ def temp_file(out, what, mode='wb'):  # unique per call; the pid in its name tel
 
 
 def sweep():
-    """Remove what killed preparations left: temporary files of dead processes, and
-    dataset folders still empty a minute after they were made (a failed load)."""
+    """Remove what killed preparations left: dead processes' temp files, folders empty after a minute."""
     for f in glob.glob(os.path.join(DATA_DIR, '*', '.*.tmp')):
         try:
             os.kill(int(os.path.basename(f).split('.')[2]), 0)  # signal 0: does that process exist?
@@ -211,8 +206,7 @@ def _encode(tokenizer_and_text):  # in a worker process (get_tokenizer caches)
 
 
 def prepare(name, tokenizer='gpt2', force=False, **kw):
-    """Tokenise a dataset into data/<name>-<tokenizer>/ once (again if its files
-    changed, or with force); return its folder. Two at once both succeed."""
+    """Tokenise once into dataset_dir() (again if its files changed, or with force); two at once both work."""
     args = argparse.Namespace(**{**vars(get_parser().parse_args([name])), **kw, 'tokenizer': tokenizer})
     out = dataset_dir(name, tokenizer)
     meta = load_meta(out) if os.path.exists(os.path.join(out, 'meta.json')) else None
@@ -244,8 +238,7 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         (tok.encode(d) for d in documents(name, args))
     held = None  # the last document is written only once we know another follows (val never empty)
     try:
-        bar = tqdm(encoded, desc=f'tokenising {name}', unit=' docs', disable=None)
-        for i, ids in enumerate(bar):
+        for i, ids in enumerate(tqdm(encoded, desc=f'tokenising {name}', unit=' docs', disable=None)):
             if held is not None:
                 write(*held)
             held = ('val' if in_val(i, args.seed, args.val_frac) else 'train', ids)
@@ -288,14 +281,12 @@ def load_meta(data_dir):
 # batches
 
 def get_batch(data_dir, split, starts, block_size, device, dtype):
-    """Windows of block_size tokens starting at `starts` (a LongTensor), as (B, L) int64;
-    dtype: the token files' (meta.json's 'dtype')."""
+    """Windows of block_size tokens from `starts` (a LongTensor) as (B, L) int64; dtype: meta.json's."""
     # a fresh memmap per batch avoids numpy's memmap leak (as nanoGPT does)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=dtype, mode='r')
     x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts.tolist()]).astype(np.int64))
-    if torch.device(device).type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    cuda = torch.device(device).type == 'cuda'  # then pinned memory, copied asynchronously
+    return (x.pin_memory() if cuda else x).to(device, non_blocking=cuda)
 
 
 def num_tokens(data_dir, split):
@@ -331,7 +322,6 @@ def parse_args(argv=None):
 
 
 if __name__ == '__main__':
-    a = parse_args()
-    kw = {k: v for k, v in vars(a).items() if k not in ('dataset', 'tokenizer', 'force')}
-    out = prepare(a.dataset, a.tokenizer, a.force, **kw)
+    kw = vars(parse_args())
+    out = prepare(kw.pop('dataset'), **kw)
     print(f'{out}: ' + ', '.join(f'{k} {v}' for k, v in load_meta(out).items()))
