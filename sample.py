@@ -5,16 +5,14 @@
     python sample.py --ckpt out/mdlm-6M/ckpt.pt --steps 8,64,256 --judge out/ar-6M/ckpt.pt --json
     python sample.py --ckpt out/duo-6M/ckpt.pt --judge gpt2-large   # needs transformers (and a network once)
 
-Every sample starts with the end-of-text id, then the prompt; --length counts
-both. Prints the samples, the number of network calls (NFE), seconds and
-tokens/s. --steps takes a list: one run per value, each from the same seed.
---judge scores the samples (generative perplexity and unigram entropy, as
-the papers do: README "Sample quality"). --infill "ROMEO: [10] my love [5]."
-fills gaps of 10 and 5 tokens (diffusion methods); --trace redraws the first
-sample after every step, --trace-html FILE writes its trajectory as a page.
+Every sample starts with the end-of-text id, then the prompt; --length counts both. Prints the samples,
+the number of network calls (NFE), seconds and tokens/s; a list of --steps: one run per value, same seed.
+--judge scores the samples (generative perplexity and unigram entropy, as the papers do: README "Sample
+quality"). --infill fills gaps (diffusion methods); --trace and --trace-html show the steps of sample 0.
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -50,10 +48,8 @@ def get_parser():
     p.add_argument('--length', type=int, default=None, help='tokens per sample (default: the training context)')
     p.add_argument('--prompt', default='', help='text every sample continues')
     p.add_argument('--infill', default=None, help='text with gaps to fill, [N] = N tokens: "ROMEO: [10] my love [5]."')
-    p.add_argument('--stride', type=int, default=None,
-                   help='beyond the training context: new tokens per window (default: half of it)')
-    p.add_argument('--steps', default=None,
-                   help='denoising steps T of diffusion samplers, or a list: 8,64,1024 (default: length, at most the context)')
+    p.add_argument('--stride', type=int, help='past the context: new tokens per window (default: half of it)')
+    p.add_argument('--steps', help='diffusion steps or a list: 8,64,1024 (default: min(length, context))')
     p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling (1.0 = off)')
     p.add_argument('--temperature', type=float, default=1.0, help='AR only')
     p.add_argument('--trace', action='store_true', help='redraw the first sample after every step')
@@ -81,9 +77,8 @@ def load_model(path, device):
 
 
 def parse_with_checkpoint(parser, method_flags, argv):
-    """Parse argv; the method's training options (e.g. --time-cond) come from the
-    checkpoint and flags given here override them (argparse only fills the
-    defaults that are missing). Returns (args, checkpoint)."""
+    """(args, checkpoint): the method's training options (e.g. --time-cond) come from the checkpoint,
+    flags given here override them (argparse fills only the defaults that are missing)."""
     ckpt = load_checkpoint(parser.parse_known_args(argv)[0].ckpt)
     known = argparse.Namespace(**{k: v for k, v in ckpt['args'].items() if k in method_flags})
     return parser.parse_args(argv, namespace=known), ckpt
@@ -128,26 +123,18 @@ def load_judge(spec, device):
 
 
 def retokenize(ids, src, dst):
-    """Token ids of tokenizer src -> ids of tokenizer dst, through text;
-    each end-of-text id becomes dst's end-of-text id."""
-    out, piece = [], []
-    for i in ids + [None]:
-        if i is None or i == src.eot:
-            if piece:
-                out += dst.encode(src.decode(piece))
-                piece = []
-            if i is not None:
-                out.append(dst.eot)
-        else:
-            piece.append(i)
+    """Token ids of tokenizer src -> ids of tokenizer dst, through text; end-of-text ids map to dst's."""
+    out = []
+    for eot, group in itertools.groupby(ids, key=lambda i: i == src.eot):
+        group = list(group)
+        out += [dst.eot] * len(group) if eot else dst.encode(src.decode(group))
     return out
 
 
 @torch.no_grad()
 def judge_nll(judge, ids, start):
-    """Sum of -log p_judge(ids[:, j] | ids[:, :j]) over rows and over j >= start
-    (>= 1), and the number of tokens summed. ids (n, m). Windows of
-    judge.context tokens, each starting at the last token of the previous."""
+    """Sum of -log p_judge(ids[:, j] | ids[:, :j]) over rows and j >= start (>= 1), and the number of
+    tokens summed. ids (n, m). Windows of judge.context tokens, each starting at the previous one's last."""
     if start < 1:
         raise ValueError('the judge needs at least one token of context: start >= 1')
     total, count, s = 0.0, 0, start - 1
@@ -169,19 +156,17 @@ def unigram_entropy(ids):
 
 
 def score(judge, tokens, prompt_len, tok):
-    """Gen PPL of samples tokens (n, length) whose first prompt_len tokens were
-    given, the mean unigram entropy (nats) of their generated tokens, and the
-    number of judge tokens scored."""
+    """Gen PPL of samples tokens (n, length) whose first prompt_len tokens were given, the mean
+    unigram entropy (nats) of their generated tokens, and the number of judge tokens scored."""
     entropy = sum(unigram_entropy(row) for row in tokens[:, prompt_len:].cpu()) / len(tokens)
     if judge.tokenizer.name == tok.name:  # same ids: score directly
         nll, n = judge_nll(judge, tokens, prompt_len)
     else:
         nll = n = 0
-        device = tokens.device
         for row in tokens.tolist():
             head = retokenize(row[:prompt_len], tok, judge.tokenizer) or [judge.tokenizer.eot]
             tail = retokenize(row[prompt_len:], tok, judge.tokenizer)
-            a, b = judge_nll(judge, torch.tensor([head + tail], device=device), len(head))
+            a, b = judge_nll(judge, torch.tensor([head + tail], device=tokens.device), len(head))
             nll, n = nll + a, n + b
     return math.exp(nll / max(n, 1)), entropy, n
 
@@ -225,11 +210,10 @@ def parse_infill(text, tok):
 
 
 def tracer(tok, every, out=None):
-    """A sampler callback(z, nfe, noisy) that keeps the trajectory of the first sample,
-    frames = [(step, nfe, ids, marks)], marks one letter per token: m masked (shown
-    as a placeholder), d decided at this step (highlighted), n noisy (Duo: differs
-    from argmax x_theta; dimmed), c clean. With every > 0 it redraws every k-th
-    frame: in place with colours on a terminal, as plain text otherwise."""
+    """A sampler callback(z, nfe, noisy) that keeps the first sample's trajectory, frames = [(step, nfe,
+    ids, marks)], marks one letter per token: m masked (shown as a placeholder), d decided at this step
+    (highlighted), n noisy (Duo: differs from argmax x_theta; dimmed), c clean. With every > 0 it redraws
+    every k-th frame: in place with colours on a terminal, as plain text otherwise."""
     frames, out = [], out or sys.stdout
 
     def callback(z, nfe, noisy):
@@ -249,8 +233,7 @@ def tracer(tok, every, out=None):
 
 
 def write_trace_html(path, frames, tok, title):
-    """The trajectory as one self-contained page (inline CSS and JS, no network):
-    a slider over the steps. Written atomically (tmp name + rename)."""
+    """The trajectory as one self-contained page (inline CSS and JS): a slider over the steps."""
     pieces = {i: tok.decode([i]) for f in frames for i in set(f[2]) if 0 <= i < tok.vocab_size}
     blob = json.dumps({'title': title, 'pieces': pieces, 'frames': frames}).replace('</', '<\\/')
     page = f"""<!doctype html><meta charset="utf-8"><title>sample.py --trace-html</title><style>body{{font:15px
@@ -310,8 +293,7 @@ def main(argv=None):
         if args.trace_html:
             write_trace_html(args.trace_html, trace.frames, tok, f'{ckpt["algo"]} {args.ckpt}, {steps} steps')
         for i, row in enumerate(tokens.tolist()[:args.show]):
-            print(f'--- sample {i} ---')
-            print(tok.decode([t for t in row if t < tok.vocab_size]))
+            print(f'--- sample {i} ---\n' + tok.decode([t for t in row if t < tok.vocab_size]))
         n_new = args.num_samples * (args.length - prompt.shape[1])
         rec = dict(algo=ckpt['algo'], ckpt=args.ckpt, steps=steps, num_samples=args.num_samples,
                    length=args.length, prompt_tokens=prompt.shape[1], nfe=nfe, seconds=seconds,
