@@ -4,13 +4,11 @@
     python scaling.py ... --print-commands      # one train.py command per pending run, for a cluster
     python scaling.py ... --tokenizer byte --block-size 64 --batch-size 8   # unknown flags go to train.py
 
-Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at
-every budget C each size N trains with train.py --flops C (so D = C / 6N
-tokens) in OUT_DIR/<algo>-<size>-<C>/; a parabola of the final validation
-loss in log N has its vertex at (N*(C), L*(C)), and across budgets
-N* = k C^a, L* = c C^b. Rerunning a command skips the finished runs and
-resumes the others (--resume auto). Writes runs.csv, optima.csv, scaling.md
-and scaling.png (needs the optional matplotlib) in OUT_DIR.
+Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at every budget C each size N
+trains with train.py --flops C (so D = C / 6N tokens) in OUT_DIR/<algo>-<size>-<C>/; a parabola of the
+final validation loss in log N has its vertex at (N*(C), L*(C)), and across budgets N* = k C^a, L* = c C^b.
+Rerunning a command skips the finished runs and resumes the others (--resume auto). Writes runs.csv,
+optima.csv, scaling.md and scaling.png (needs the optional matplotlib) in OUT_DIR.
 """
 import argparse
 import csv
@@ -28,8 +26,6 @@ import torch
 
 import train
 from model import DiT, Config, flops_per_token
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_parser():
@@ -94,7 +90,7 @@ def read_result(path):
 def run_train(argv, log_file):
     """One training run in a fresh process (a crash or leak stays in it)."""
     with open(log_file, 'a') as f:
-        return subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *argv], stdout=f,
+        return subprocess.run([sys.executable, train.__file__, *argv], stdout=f,
                               stderr=subprocess.STDOUT).returncode
 
 
@@ -120,11 +116,6 @@ def run_grid(args, extra):
               f'({r["steps"]} steps, {time.perf_counter() - t0:.0f} s)', flush=True)
 
 
-def collect(args):
-    found = (read_result(run_dir(args.out_dir, a, s, c)) for c in args.flops for a in args.algos for s in args.sizes)
-    return [r for r in found if r is not None]
-
-
 def write_csv(path, rows):
     with open(path, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -143,8 +134,7 @@ def fit_parabola(log_n, loss):
     p2, p1, p0 = np.polyfit(log_n, loss, 2)
     if p2 <= 0:
         return None
-    x = -p1 / (2 * p2)
-    return x, p0 - p1 ** 2 / (4 * p2)
+    return -p1 / (2 * p2), p0 - p1 ** 2 / (4 * p2)
 
 
 def fit_power_law(c, y):
@@ -260,9 +250,8 @@ def plot(fits, rows, path):
 
 def main(argv=None):
     args, extra = get_parser().parse_known_args(argv)
-    args.algos = parse_list(args.algos, str, '--algos')
-    args.sizes = parse_list(args.sizes, str, '--sizes')
-    args.flops = parse_list(args.flops, float, '--flops')
+    for flag, kind in (('algos', str), ('sizes', str), ('flops', float)):
+        setattr(args, flag, parse_list(getattr(args, flag), kind, f'--{flag}'))
     if len(set(args.sizes)) < 3:
         raise SystemExit(f'--sizes: give at least 3 sizes (a parabola needs them), got {len(set(args.sizes))}')
     if not all(c > 0 for c in args.flops):
@@ -275,7 +264,8 @@ def main(argv=None):
         run_grid(args, extra)
         if args.print_commands:
             return None
-    rows = collect(args)
+    found = (read_result(run_dir(args.out_dir, a, s, c)) for c in args.flops for a in args.algos for s in args.sizes)
+    rows = [r for r in found if r is not None]
     if not rows:
         raise SystemExit(f'no finished runs in {args.out_dir}: run the grid first (without --fit-only)')
     os.makedirs(args.out_dir, exist_ok=True)
