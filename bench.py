@@ -1,27 +1,26 @@
 """Speed: training tokens/s and MFU, sampling seconds with and without cache.
 
-    python bench.py --algo ar --size 6M --block-size 256 --batch-size 8
     python bench.py --algo ar mdlm duo esolm esolm:alpha0=0.5,batch_split=0.5 --no-sample
-    python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte --sample-length 1024 --no-train
+    python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte --sample-length 1024 \\
+        --no-train
     python bench.py --algo ar --size 113M --block-size 1024 --batch-size 16 --compile --json
     python bench.py --algo ar ar:fused=False mdlm --profile --mem --mem-steps 1 --no-sample
 
-Several --algo entries (NAME or NAME:option=value,...) run in one process,
-interleaved over --rounds, each figure the best round: the machines are shared
-and noisy, so compare the ratios of one run, not numbers across runs. On CPU
-the MFU peak is this machine's measured matmul FLOP/s in the same dtype.
---mem runs each entry in a fresh process: the peak memory of one training step (CPU: peak
-RSS, setup included; GPU: max allocated), the resident memory after 20 and --mem-steps steps.
+Several --algo entries run in one process, interleaved over --rounds, each figure the best round:
+the machines are shared and noisy, so compare the ratios of one run, not numbers across runs. On CPU
+the MFU peak is this machine's measured matmul FLOP/s in the same dtype. --mem runs each entry in a
+fresh process: the peak memory of one training step (CPU: peak RSS, setup included; GPU: max
+allocated), the resident memory after 20 and --mem-steps steps.
 """
 import argparse
 import ast
-import concurrent.futures
 import contextlib
 import copy
 import json
 import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -32,7 +31,7 @@ from train import ALGOS, ON_GPU, compile_model, load_algo, mfu_flops_per_token, 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--algo', nargs='+', default=['ar'], help='NAME or NAME:option=value,... (several: compared)')
+    p.add_argument('--algo', nargs='+', default=['ar'], help='NAME[:option=value,...] (several: compared)')
     p.add_argument('--size', default='6M')
     p.add_argument('--tokenizer', default='gpt2', help='sets the vocabulary size only (default: gpt2)')
     p.add_argument('--block-size', type=int, default=256)
@@ -43,9 +42,9 @@ def get_parser():
     p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--compile', action='store_true')
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
-                   help='output layer + loss without all the logits (default: on; entries may set fused=False)')
-    p.add_argument('--profile', action='store_true', help="a step's share in blocks, output layer + loss, optimizer")
-    p.add_argument('--mem', action='store_true', help='peak memory of a step and resident memory over --mem-steps')
+                   help='output layer + loss without all the logits (default: on; per entry: fused=False)')
+    p.add_argument('--profile', action='store_true', help='shares: blocks, output layer + loss, optimizer')
+    p.add_argument('--mem', action='store_true', help='peak memory of a step and resident over --mem-steps')
     p.add_argument('--mem-steps', type=int, default=300, help='training steps of --mem (default: 300)')
     p.add_argument('--train', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample', action=argparse.BooleanOptionalAction, default=True)
@@ -61,7 +60,8 @@ def get_parser():
 
 
 def check_args(args):  # every flag at parse time: one line naming the fix
-    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1, steps=1)
+    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1,
+                 steps=1)
     for k, v in least.items():
         if getattr(args, k) is not None and getattr(args, k) < v:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
@@ -88,74 +88,13 @@ def variant(spec, args):
     return load_algo(name), v
 
 
-def sync(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
+def timed(fn, device):  # (seconds, fn()), the GPU's queue drained before and after
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else lambda: None
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    sync()
     return time.perf_counter() - t0, out
-
-
-def train_step(r, autocast, model=None):
-    with autocast:
-        loss = r['algo'].train_loss(model or r['compiled'], r['x'], r['u'], r['args'], 0, {})
-    loss.backward()
-    r['opt'].step()
-    r['opt'].zero_grad(set_to_none=True)
-
-
-def train_seconds(r, args, autocast):
-    """Median seconds of one optimizer step (forward, backward, AdamW)."""
-    return sorted(timed(lambda: train_step(r, autocast), args.device)[0] for _ in range(args.iters))[args.iters // 2]
-
-
-def profile(r, args, autocast):
-    """Shares of a step: the blocks (a step with a free stand-in for the output layer
-    and loss, less the optimizer), the output layer + loss (forward and backward again
-    on the inputs it had) and the optimizer."""
-    heads = []
-
-    def stand_in(x, loss=None, **kw):
-        def head(h, W, b):
-            heads.append((loss, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
-            return (h * 0).float().sum()  # the blocks still run backward
-        return r['compiled'](x, loss=head, **kw)
-    step, _ = timed(lambda: train_step(r, autocast, stand_in), args.device)
-    with autocast:
-        head, out = timed(lambda: sum(loss(h, W, b) for loss, h, W, b in heads), args.device)
-    head += timed(out.backward, args.device)[0]
-    for p in r['model'].parameters():  # every parameter has a gradient, as in a real step
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    opt, _ = timed(r['opt'].step, args.device)
-    r['opt'].zero_grad(set_to_none=True)
-    return {'share_blocks': (step - opt) / (step + head), 'share_output_layer_loss': head / (step + head),
-            'share_optimizer': opt / (step + head)}
-
-
-def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
-    r, out = setup(spec, args), {}
-    if not args.device.startswith('cuda'):
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # the peak RSS (VmHWM) restarts here: the step's own, model and optimizer included
-    for step in range(1, args.mem_steps + 1):
-        train_step(r, autocast_for(args))
-        if step == 1:
-            out['peak_mem_step'] = torch.cuda.max_memory_allocated() if args.device.startswith('cuda') else \
-                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
-        if step in (20, args.mem_steps):
-            out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-    return out
-
-
-def autocast_for(args):
-    dtype = getattr(torch, args.dtype)
-    return contextlib.nullcontext() if dtype == torch.float32 else \
-        torch.autocast(torch.device(args.device).type, dtype=dtype)
 
 
 def setup(spec, args):
@@ -169,18 +108,75 @@ def setup(spec, args):
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
     u = ((torch.rand(1) + torch.arange(args.batch_size)) / args.batch_size).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith('cuda'))
-    return dict(algo=algo, args=v, model=model, cfg=cfg, x=x, u=u, opt=opt,
+    autocast = contextlib.nullcontext() if args.dtype == 'float32' else \
+        torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype))
+    return dict(algo=algo, args=v, model=model, cfg=cfg, x=x, u=u, opt=opt, autocast=autocast,
                 compiled=compile_model(model) if args.compile else model)
 
 
-def sample_once(model, algo, args, autocast, cache):
-    args.cache = cache
-    args.block_size = max(args.block_size, args.sample_length)  # one window: no semi-AR strides
+def train_step(r, model=None):
+    with r['autocast']:
+        loss = r['algo'].train_loss(model or r['compiled'], r['x'], r['u'], r['args'], 0, {})
+    loss.backward()
+    r['opt'].step()
+    r['opt'].zero_grad(set_to_none=True)
+
+
+def train_seconds(r, args):
+    """Median seconds of one optimizer step (forward, backward, AdamW)."""
+    times = sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))
+    return times[args.iters // 2]
+
+
+def profile(r, args):
+    """Shares of a step: the blocks (a step with a free stand-in for the output layer and loss, less
+    the optimizer), the output layer + loss (forward and backward again on the inputs it had) and the
+    optimizer."""
+    heads = []
+
+    def stand_in(x, loss=None, **kw):
+        def head(h, W, b):
+            heads.append((loss, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
+            return (h * 0).float().sum()  # the blocks still run backward
+        return r['compiled'](x, loss=head, **kw)
+    step, _ = timed(lambda: train_step(r, stand_in), args.device)
+    with r['autocast']:
+        head, out = timed(lambda: sum(loss(h, W, b) for loss, h, W, b in heads), args.device)
+    head += timed(out.backward, args.device)[0]
+    for p in r['model'].parameters():  # every parameter has a gradient, as in a real step
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    opt, _ = timed(r['opt'].step, args.device)
+    r['opt'].zero_grad(set_to_none=True)
+    return {'share_blocks': (step - opt) / (step + head), 'share_output_layer_loss': head / (step + head),
+            'share_optimizer': opt / (step + head)}
+
+
+def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
+    r, out, cuda = setup(spec, args), {}, args.device.startswith('cuda')
+    if not cuda:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # the peak RSS (VmHWM) restarts here: the step's own, model and optimizer included
+    for step in range(1, args.mem_steps + 1):
+        train_step(r)
+        if step == 1:
+            out['peak_mem_step'] = torch.cuda.max_memory_allocated() if cuda else \
+                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+        if step in (20, args.mem_steps):
+            pages = int(open('/proc/self/statm').read().split()[1])
+            out[f'rss_after_{step}_steps'] = pages * resource.getpagesize()
+    return out
+
+
+def sample_once(r, cache):
+    """Seconds and NFE of one sampling run: a start token, then sample_length - 1 new tokens."""
+    args = r['args']
+    args.cache, args.block_size = cache, max(args.block_size, args.sample_length)  # one window: no strides
     torch.manual_seed(0)
-    prompt = torch.zeros(args.num_samples, 1, dtype=torch.long, device=args.device)  # one start token
-    with autocast, torch.no_grad():
-        seconds, (_, nfe) = timed(lambda: algo.sample(model, args, args.num_samples, args.sample_length,
-                                                      prompt, device=args.device), args.device)
+    prompt = torch.zeros(args.num_samples, 1, dtype=torch.long, device=args.device)
+    with r['autocast'], torch.no_grad():
+        seconds, (_, nfe) = timed(lambda: r['algo'].sample(r['model'].eval(), args, args.num_samples,
+                                                           args.sample_length, prompt, device=args.device),
+                                  args.device)
     return seconds, nfe
 
 
@@ -189,61 +185,50 @@ def main(argv=None):
     check_args(args)
     args.vocab_size = data.get_tokenizer(args.tokenizer).vocab_size
     args.steps = args.steps or args.sample_length
-    autocast = autocast_for(args)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'
-    runs = []
-    for spec in args.algo:
-        runs.append(setup(spec, args))
-        runs[-1]['result'] = {'algo': spec, 'size': args.size, 'device': device_name, 'dtype': args.dtype,
-                              'compile': args.compile, 'fused': runs[-1]['args'].fused,
-                              'block_size': args.block_size, 'batch_size': args.batch_size,
-                              'vocab_size': args.vocab_size}
+    runs = [setup(spec, args) for spec in args.algo]
+    for r in runs:
+        r['result'] = dict(algo=r['args'].label, size=args.size, device=device_name, dtype=args.dtype,
+                           compile=args.compile, fused=r['args'].fused, block_size=args.block_size,
+                           batch_size=args.batch_size, vocab_size=args.vocab_size)
     if args.mem:
         for r in runs:  # a fresh process each: one's heap does not hide another's
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
-                mem = pool.submit(memory, r['result']['algo'], args).result()
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+                mem = pool.submit(memory, r['args'].label, args).result()
             r['result'].update({k: v / 2 ** 20 for k, v in mem.items()}, mem_unit='MiB')
     if args.train:
         peak = peak_flops(args.device, getattr(torch, args.dtype))
         for r in runs:  # warm-up (compilation happens here)
             r['model'].train()
-            train_seconds(r, args, autocast)
+            train_seconds(r, args)
         for _ in range(args.rounds):
             for r in runs:
-                r['train_s'] = min(r.get('train_s', float('inf')), train_seconds(r, args, autocast))
+                r['train_s'] = min(r.get('train_s', float('inf')), train_seconds(r, args))
         for r in runs:
-            if args.profile:
-                r['result'].update(profile(r, args, autocast))
+            r['result'].update(profile(r, args) if args.profile else {})
             tok_s = args.batch_size * args.block_size / r['train_s']
             mfu = 3 * mfu_flops_per_token(r['algo'], r['cfg'], r['args']) * tok_s / peak
             r['result'].update(train_tok_per_s=tok_s, mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
                                peak_flops=peak)
     if args.sample:
-        for r in runs:
-            r['model'].eval()
+        new_tokens = args.num_samples * (args.sample_length - 1)  # after the one start token
         for _ in range(args.rounds):
             for r in runs:
-                for cache in (True, False):
-                    tag = 'cache' if cache else 'nocache'
-                    s, nfe = sample_once(r['model'], r['algo'], r['args'], autocast, cache)
+                for tag, cache in (('cache', True), ('nocache', False)):
+                    s, nfe = sample_once(r, cache)
                     if s < r['result'].get(f'sample_seconds_{tag}', float('inf')):
                         r['result'].update({f'sample_seconds_{tag}': s, f'sample_nfe_{tag}': nfe,
-                                            f'sample_tok_per_s_{tag}': args.num_samples *
-                                            (args.sample_length - 1) / s})
+                                            f'sample_tok_per_s_{tag}': new_tokens / s})
         for r in runs:
             r['result'].update(sample_length=args.sample_length, sample_steps=r['args'].steps)
     first = runs[0]['result']
-    for r in runs:
-        res = r['result']
+    for res in (r['result'] for r in runs):
         if len(runs) > 1:  # ratios to the first entry, the point of one shared run
             for k in ('train_tok_per_s', 'sample_seconds_cache', 'sample_seconds_nocache'):
                 if k in res:
-                    res[f'{k}_vs_{runs[0]["args"].label}'] = res[k] / first[k]
-        if args.json:
-            print(json.dumps(res))
-        else:
-            print('\n'.join(f'{k:>40}: {v:.4g}' if isinstance(v, float) else f'{k:>40}: {v}'
-                            for k, v in res.items()) + '\n')
+                    res[f'{k}_vs_{first["algo"]}'] = res[k] / first[k]
+        lines = (f'{k:>40}: {v:.4g}' if isinstance(v, float) else f'{k:>40}: {v}' for k, v in res.items())
+        print(json.dumps(res) if args.json else '\n'.join(lines) + '\n')
     return [r['result'] for r in runs]
 
 
