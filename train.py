@@ -4,9 +4,8 @@
     torchrun --standalone --nproc_per_node=8 train.py --algo mdlm --size 113M --flops 6e18
     python train.py --algo duo --size 19M --dry-run        # print the plan and exit
 
-The method is a module (ar.py, mdlm.py, duo.py, esolm.py) with the same
-functions; this file never branches on it. The defaults are the seed's scaling
-recipe (GUIDE §7) on a GPU and a small run on a CPU.
+The method is a module (ar.py, mdlm.py, duo.py, esolm.py) with the same functions; this file never
+branches on it. The defaults are the seed's scaling recipe (GUIDE §7) on a GPU and a small run on a CPU.
 """
 import argparse
 import contextlib
@@ -31,15 +30,16 @@ from model import DiT, SIZES, flops_per_token, get_config
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
 # (GPU: the seed's recipe, CPU: a ~10 minute run of the 6M model)
-DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256), max_iters=(100_000, 400),
-                lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100), eval_iters=(50, 10),
-                ckpt_interval=(1000, 250), ema=(0.0, 0.0))
-# with --distill-from: the seed's distil_owt.sh (GUIDE §7); a CPU keeps its 5 teacher rounds, so dt <= 2^4 / T
+DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256),
+                max_iters=(100_000, 400), lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100),
+                eval_iters=(50, 10), ckpt_interval=(1000, 250), ema=(0.0, 0.0))
+# with --distill-from: the seed's distil_owt.sh (GUIDE §7); a CPU keeps its 5 teacher rounds: dt <= 2^4/T
 DISTILL = dict(batch_size=(128, 8), max_iters=(50_000, 500), lr=(6e-5, 3e-4), min_lr=(None, None),
                warmup_iters=(500, 10), ema=(0.999, 0.99), teacher_every=(10_000, 100), distill_T=(512, 512))
-AT_LEAST = dict(micro_batch_size=1, batch_size=1, block_size=2, eval_interval=1, ckpt_interval=1, log_interval=1,
-                eval_iters=1, max_iters=0, warmup_iters=0, teacher_every=1, distill_T=1, lr=0, min_lr=0,
-                weight_decay=0)
+AT_LEAST = dict(micro_batch_size=1, batch_size=1, block_size=2, eval_interval=1, ckpt_interval=1,
+                log_interval=1, eval_iters=1, max_iters=0, warmup_iters=0, teacher_every=1, distill_T=1,
+                lr=0, min_lr=0, weight_decay=0)
+SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')  # --resume auto
 
 
 def load_algo(name):
@@ -54,46 +54,47 @@ def get_parser():
     g = p.add_argument_group('run')
     g.add_argument('--algo', default='ar', help=f"{' | '.join(ALGOS)} (default: ar)")
     g.add_argument('--size', default='6M', help=f"model size: {', '.join(SIZES)} (default: 6M)")
-    g.add_argument('--dataset', default='shakespeare', help='prepared on first use, see data.py (default: shakespeare)')
+    g.add_argument('--dataset', default='shakespeare', help='data.py prepares it once (default: shakespeare)')
     g.add_argument('--tokenizer', default='gpt2', help='gpt2 | byte | a tiktoken encoding (default: gpt2)')
-    g.add_argument('--out-dir', default=None, help='default: out/<algo>-<size>')
+    g.add_argument('--out-dir', help='default: out/<algo>-<size>')
     g.add_argument('--seed', type=int, default=1337)
-    g.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'], default=None,
+    g.add_argument('--resume', nargs='?', const='yes', choices=['yes', 'auto'],
                    help="continue from out_dir/ckpt.pt; 'auto': only if it holds this run (default: off)")
     g.add_argument('--overwrite', action='store_true', help="start over in an --out-dir that holds a run")
-    g.add_argument('--init-from', default=None, help="start a new run from a checkpoint's weights")
+    g.add_argument('--init-from', help="start a new run from a checkpoint's weights")
     g.add_argument('--dry-run', action='store_true', help='print the plan and exit')
     g = p.add_argument_group('optimization')
-    g.add_argument('--batch-size', type=int, default=None, help=f'global batch in sequences {d("batch_size")}')
-    g.add_argument('--micro-batch-size', type=int, default=None, help=f'sequences per rank per micro-step, at most batch/ranks {d("micro_batch_size")}')
-    g.add_argument('--block-size', type=int, default=None, help=f'context length {d("block_size")}')
-    g.add_argument('--max-iters', type=int, default=None, help=f'optimizer steps {d("max_iters")}')
-    g.add_argument('--flops', type=float, default=None, help='training FLOPs budget; sets the steps (GUIDE §7)')
-    g.add_argument('--lr', type=float, default=None, help=f'peak learning rate {d("lr")}')
-    g.add_argument('--min-lr', type=float, default=None, help=f'cosine floor {d("min_lr")}')
-    g.add_argument('--warmup-iters', type=int, default=None, help='default: max(1%% of steps, 100), at most 20%%')
+    g.add_argument('--batch-size', type=int, help=f'global batch in sequences {d("batch_size")}')
+    g.add_argument('--micro-batch-size', type=int,
+                   help=f'sequences per rank per micro-step, at most batch/ranks {d("micro_batch_size")}')
+    g.add_argument('--block-size', type=int, help=f'context length {d("block_size")}')
+    g.add_argument('--max-iters', type=int, help=f'optimizer steps {d("max_iters")}')
+    g.add_argument('--flops', type=float, help='training FLOPs budget; sets the steps (GUIDE §7)')
+    g.add_argument('--lr', type=float, help=f'peak learning rate {d("lr")}')
+    g.add_argument('--min-lr', type=float, help=f'cosine floor {d("min_lr")}')
+    g.add_argument('--warmup-iters', type=int, help='default: max(1%% of steps, 100), at most 20%%')
     g.add_argument('--weight-decay', type=float, default=0.1)
     g.add_argument('--decay', default='all', choices=['all', 'matrices'],
                    help="parameters that get weight decay: all (the seed) or matrices (not gains, biases)")
     g.add_argument('--beta1', type=float, default=0.9)
     g.add_argument('--beta2', type=float, default=0.95)
     g.add_argument('--grad-clip', type=float, default=1.0)
-    g.add_argument('--ema', type=float, default=None, help='EMA decay of the weights, e.g. 0.9999 (default: off)')
+    g.add_argument('--ema', type=float, help='EMA decay of the weights, e.g. 0.9999 (default: off)')
     g.add_argument('--dropout', type=float, default=0.0)
     g.add_argument('--ssl-ratio', type=float, default=0.0,
-                   help='probability of cutting a diffusion batch to a random length (AR: never, as the seed)')
+                   help='chance of cutting a diffusion batch to a random length (AR: never, as the seed)')
     g = p.add_argument_group('evaluation and logging')
-    g.add_argument('--eval-interval', type=int, default=None, help=d('eval_interval'))
-    g.add_argument('--eval-iters', type=int, default=None, help=f'micro-batches per rank {d("eval_iters")}')
+    g.add_argument('--eval-interval', type=int, help=d('eval_interval'))
+    g.add_argument('--eval-iters', type=int, help=f'micro-batches per rank {d("eval_iters")}')
     g.add_argument('--log-interval', type=int, default=10)
-    g.add_argument('--ckpt-interval', type=int, default=None, help=d('ckpt_interval'))
+    g.add_argument('--ckpt-interval', type=int, help=d('ckpt_interval'))
     g = p.add_argument_group('system')
     g.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
     g.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
                    help='torch.compile the network (default: on with CUDA)')
     g.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
-                   help='output layer + loss in chunks, never all the logits (default: on; off: the plain path)')
+                   help='output layer + loss in chunks, never all logits (default: on; off: the plain path)')
     for name in ALGOS:  # each method's own flags
         load_algo(name).add_args(p.add_argument_group(f'{name} options'))
     return p
@@ -101,11 +102,10 @@ def get_parser():
 
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
-    on_gpu = args.device.startswith('cuda')
     distill = getattr(args, 'distill_from', None)
     for k, (gpu, cpu) in ({**DEFAULTS, **DISTILL} if distill else DEFAULTS).items():
         if getattr(args, k) is None:  # a flag the user passed wins
-            setattr(args, k, gpu if on_gpu else cpu)
+            setattr(args, k, gpu if args.device.startswith('cuda') else cpu)
     if args.min_lr is None:
         args.min_lr = args.lr  # distillation: constant after warmup
     args.out_dir = args.out_dir or os.path.join('out', f'{args.algo}-{args.size}')
@@ -117,7 +117,8 @@ def parse_args(argv=None):
 
 def check_args(a):
     """Refuse a bad value in one line now, before any work starts."""
-    rules = [(k, getattr(a, k) >= lo, f'>= {lo}') for k, lo in AT_LEAST.items() if getattr(a, k, None) is not None]
+    rules = [(k, getattr(a, k) >= lo, f'>= {lo}') for k, lo in AT_LEAST.items()
+             if getattr(a, k, None) is not None]
     rules += [(k, 0 <= getattr(a, k) < 1, 'in [0, 1)') for k in ('ema', 'dropout', 'beta1', 'beta2')]
     rules += [('ssl_ratio', 0 <= a.ssl_ratio <= 1, 'in [0, 1]'), ('grad_clip', a.grad_clip > 0, '> 0'),
               ('flops', a.flops is None or a.flops > 0, '> 0')]
@@ -125,7 +126,8 @@ def check_args(a):
         if not ok:
             raise SystemExit(f"--{k.replace('_', '-')} must be {rule}, got {getattr(a, k)}")
     if a.resume and a.overwrite:
-        raise SystemExit('--resume continues the run in --out-dir and --overwrite starts over: pass one of them')
+        raise SystemExit('--resume continues the run in --out-dir and --overwrite starts over: '
+                         'pass one of them')
     if a.size not in SIZES:
         raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
     if a.device.startswith('cuda') and not ON_GPU:
@@ -153,12 +155,11 @@ def get_lr(step, args):
 def peak_flops(device, dtype):
     """Peak matmul FLOP/s for MFU: the datasheet on known GPUs, else the best of up to
     6 timed n x n matmuls in the run's dtype (the best: a busy machine slows only some)."""
-    if torch.device(device).type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        for key, peak in (('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40', 181e12)):
-            if key in name and dtype != torch.float32:
-                return peak
-    n, best, start = 2048 if torch.device(device).type == 'cuda' else 1024, float('inf'), time.perf_counter()
+    cuda = torch.device(device).type == 'cuda'
+    for key, peak in (('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L40', 181e12)):
+        if cuda and dtype != torch.float32 and key in torch.cuda.get_device_name(device):
+            return peak
+    n, best, start = 2048 if cuda else 1024, float('inf'), time.perf_counter()
     a = torch.randn(n, n, device=device, dtype=dtype)
     for i in range(6):  # at most ~2 s: bfloat16 on a CPU without it can be 100x slower than float32
         t0 = time.perf_counter()
@@ -178,17 +179,10 @@ def percent(mfu):  # an MFU above 100% means the measured peak is wrong: unknown
     return f'{mfu:.1%}' if mfu <= 1 else '?'
 
 
-
 def compile_model(model):
     # keep select= (the masked positions MDLM computes logits at) inside one graph
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(model)
-
-
-def save_checkpoint(path, ckpt):
-    tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
 def load_checkpoint(path, algo=None):
@@ -218,24 +212,19 @@ def check_out_dir(a):
         raise SystemExit(f'cannot write to --out-dir {a.out_dir}: pass another --out-dir')
 
 
-SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')
-
-
 class Trainer:
     """Holds what the loop needs; each method is a plain function below."""
 
     def __init__(self, args):
         self.args = a = args
         self.algo = load_algo(a.algo)
-        self.ddp = 'RANK' in os.environ
+        self.ddp, self.rank, self.world = 'RANK' in os.environ, 0, 1
         if self.ddp:
             dist.init_process_group('nccl' if a.device.startswith('cuda') else 'gloo')
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             if a.device.startswith('cuda'):
                 a.device = f"cuda:{os.environ['LOCAL_RANK']}"
                 torch.cuda.set_device(a.device)
-        else:
-            self.rank, self.world = 0, 1
         self.master = self.rank == 0
         a.micro_batch_size = min(a.micro_batch_size, max(1, a.batch_size // self.world))
         if a.batch_size % (self.world * a.micro_batch_size):
@@ -247,7 +236,6 @@ class Trainer:
         self.autocast = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device_type, dtype=self.dtype)
 
-    # -- plan ---------------------------------------------------------------
     def plan(self, vocab):
         a = self.args
         self.cfg = get_config(a.size, self.algo.vocab_size(vocab), dropout=a.dropout)
@@ -268,11 +256,10 @@ class Trainer:
                 'total_tokens': a.max_iters * a.batch_size * a.block_size,
                 'total_flops': 3 * self.flops_per_seq * a.batch_size * a.max_iters}
 
-    # -- data ---------------------------------------------------------------
     def setup_data(self):
         a = self.args
         if self.master:
-            self.data_dir = data.prepare(a.dataset, a.tokenizer)
+            data.prepare(a.dataset, a.tokenizer)
         if self.ddp:
             dist.barrier()
         self.data_dir = data.dataset_dir(a.dataset, a.tokenizer)
@@ -298,16 +285,13 @@ class Trainer:
             x = x[:, :int(torch.randint(2, a.block_size + 1, (1,), generator=g))]
         return x, u[rows].to(a.device)
 
-    # -- model, optimizer, checkpoints --------------------------------------
     def setup_model(self):
         a = self.args
         self.raw = DiT(self.cfg).to(a.device)
         decays = lambda p: a.decay == 'all' or p.dim() >= 2  # the seed decays gains and biases too
-        self.opt = torch.optim.AdamW([{'params': [p for p in self.raw.parameters() if decays(p)],
-                                       'weight_decay': a.weight_decay},
-                                      {'params': [p for p in self.raw.parameters() if not decays(p)],
-                                       'weight_decay': 0.0}],
-                                     lr=a.lr, betas=(a.beta1, a.beta2), eps=1e-8,
+        groups = [{'params': [p for p in self.raw.parameters() if decays(p) == d], 'weight_decay': wd}
+                  for d, wd in ((True, a.weight_decay), (False, 0.0))]
+        self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=1e-8,
                                      fused=self.device_type == 'cuda')
         self.step, self.best_val, self.resumed = 0, float('inf'), False
         self.ema = copy.deepcopy(self.raw).requires_grad_(False) if a.ema else None
@@ -315,35 +299,33 @@ class Trainer:
         self.load()
         self.model = compile_model(self.raw) if a.compile else self.raw
         if self.ddp:  # compile first, then wrap (as nanoGPT)
-            self.model = DDP(self.model, device_ids=[torch.device(a.device).index] if self.device_type == 'cuda' else None)
+            ids = [torch.device(a.device).index] if self.device_type == 'cuda' else None
+            self.model = DDP(self.model, device_ids=ids)
         self.state = {}  # per-run state a method may keep (Duo's teacher)
 
     def load(self):
         a = self.args
-        exists = os.path.exists(self.ckpt_path)
-        if a.resume == 'yes' or (a.resume == 'auto' and exists):
+        if a.resume == 'yes' or (a.resume == 'auto' and os.path.exists(self.ckpt_path)):
             ckpt = load_checkpoint(self.ckpt_path, a.algo)
-            if a.resume == 'auto':
-                differ = [k for k in SAME_RUN if ckpt['args'].get(k) != getattr(a, k)]
-                if differ:
-                    raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): "
-                                     f"use another --out-dir")
+            differ = [k for k in SAME_RUN if ckpt['args'].get(k) != getattr(a, k)]
+            if a.resume == 'auto' and differ:
+                raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): "
+                                 f"use another --out-dir")
             self.raw.load_state_dict(ckpt['model'])
             try:
                 self.opt.load_state_dict(ckpt['optimizer'])
             except ValueError:  # other parameter groups
-                raise SystemExit(f"pass --decay {ckpt['args'].get('decay', 'matrices')} to resume this run") from None
+                decay = ckpt['args'].get('decay', 'matrices')
+                raise SystemExit(f'pass --decay {decay} to resume this run') from None
             if self.ema is not None and ckpt.get('ema') is not None:
                 self.ema.load_state_dict(ckpt['ema'])
-            self.step, self.best_val = ckpt['step'], ckpt['best_val_loss']
-            self.resumed = True
+            self.step, self.best_val, self.resumed = ckpt['step'], ckpt['best_val_loss'], True
             self.log(f'resumed from {self.ckpt_path} at step {self.step}')
-            return
-        init = a.init_from or getattr(a, 'distill_from', None)
-        if init:  # weights only: fresh optimizer and schedule
-            ckpt = load_checkpoint(init, a.algo)
+        elif init := a.init_from or getattr(a, 'distill_from', None):
+            ckpt = load_checkpoint(init, a.algo)  # weights only: fresh optimizer and schedule
             if ckpt['config'] != asdict(self.cfg):
-                raise SystemExit(f"{init} has another network ({ckpt['config']}): pass its --size and --tokenizer")
+                raise SystemExit(f"{init} has another network ({ckpt['config']}): "
+                                 f"pass its --size and --tokenizer")
             self.raw.load_state_dict(ckpt['ema'] if ckpt.get('ema') else ckpt['model'])
             if self.ema is not None:
                 self.ema.load_state_dict(self.raw.state_dict())
@@ -352,14 +334,14 @@ class Trainer:
     def save(self):
         if not self.master:
             return
-        save_checkpoint(self.ckpt_path, {
-            'model': self.raw.state_dict(), 'optimizer': self.opt.state_dict(),
-            'ema': self.ema.state_dict() if self.ema is not None else None,
-            'step': self.step, 'args': vars(self.args), 'algo': self.args.algo, 'config': asdict(self.cfg),
-            'meta': self.meta, 'best_val_loss': self.best_val})
+        tmp = f'{self.ckpt_path}.{os.getpid()}.tmp'  # unique per process
+        torch.save({'model': self.raw.state_dict(), 'optimizer': self.opt.state_dict(),
+                    'ema': self.ema.state_dict() if self.ema is not None else None, 'step': self.step,
+                    'args': vars(self.args), 'algo': self.args.algo, 'config': asdict(self.cfg),
+                    'meta': self.meta, 'best_val_loss': self.best_val}, tmp)
+        os.replace(tmp, self.ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
         self.last_ckpt_step = self.step
 
-    # -- logging ------------------------------------------------------------
     def trim_log(self):
         """Keep the log rows written before the checkpoint this run starts from (none for a new
         run), so a resumed run logs as one; its evaluation at that step runs again."""
@@ -374,15 +356,12 @@ class Trainer:
         os.replace(tmp, path)  # atomic
 
     def log(self, msg=None, **record):
-        if not self.master:
-            return
-        if msg:
+        if self.master and msg:
             print(msg, flush=True)
-        if record:
+        if self.master and record:
             with open(os.path.join(self.args.out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
-    # -- evaluation ---------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
         """Validation NLL (AR) or NELBO (diffusion) per token, over all ranks."""
@@ -401,7 +380,6 @@ class Trainer:
         model.train()
         return (total[0] / total[1]).item()
 
-    # -- the loop -----------------------------------------------------------
     def train(self):
         a = self.args
         from tqdm import tqdm
@@ -458,8 +436,8 @@ class Trainer:
                     mean = torch.tensor([loss_sum.item() / self.accum], device=a.device)
                     dist.all_reduce(mean)
                     train_loss = mean.item() / self.world
-                self.log(None if bar.disable is False else
-                         f'step {self.step}: loss {train_loss:.4f}, lr {lr:.2e}, {tokens_per_s:.0f} tok/s, mfu {percent(mfu)}',
+                self.log(None if bar.disable is False else f'step {self.step}: loss {train_loss:.4f}, '
+                         f'lr {lr:.2e}, {tokens_per_s:.0f} tok/s, mfu {percent(mfu)}',
                          step=self.step, train_loss=train_loss, lr=lr, tokens=self.step * tokens_per_step,
                          tok_per_s=tokens_per_s, mfu=mfu if mfu <= 1 else None)
             if self.step % a.ckpt_interval == 0:
@@ -472,12 +450,12 @@ class Trainer:
 def main(argv=None):
     args = parse_args(argv)
     trainer = Trainer(args)
-    vocab = data.get_tokenizer(args.tokenizer).vocab_size
-    plan = trainer.plan(vocab)
+    plan = trainer.plan(data.get_tokenizer(args.tokenizer).vocab_size)
     if args.dry_run:
         d = data.dataset_dir(args.dataset, args.tokenizer)  # epochs only if prepared: preparing can be slow
         n = data.num_tokens(d, 'train') if os.path.exists(os.path.join(d, 'meta.json')) else None
-        plan['epochs'] = args.max_iters * plan['global_batch_tokens'] / n if n else 'unknown (not prepared yet)'
+        plan['epochs'] = (args.max_iters * plan['global_batch_tokens'] / n if n else
+                          'unknown (not prepared yet)')
         plan.update({k: getattr(args, k) for k in ('warmup_iters', *DEFAULTS, *DISTILL, 'decay')
                      if getattr(args, k, None) is not None})
         if trainer.master:
@@ -501,7 +479,7 @@ def main(argv=None):
     if trainer.ddp:  # tear down while Python is alive: gloo's threads freeing a collective's tensors
         dist.barrier()  # during interpreter exit abort the rank (SIGABRT), e.g. rank 1, which saves nothing
         trainer.model = None
-        gc.collect()  # DDP holds the process group in a reference cycle: free it, so destroying joins its threads
+        gc.collect()  # DDP holds the process group in a ref cycle: free it, so destroying joins its threads
         dist.destroy_process_group()
 
 
