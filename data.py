@@ -1,8 +1,7 @@
 """Tokenizers, dataset preparation and batches. Knows no model.
 
     python data.py shakespeare --tokenizer byte     # 42 shipped works (default); byte: 257 ids, fast on CPU
-    python data.py ~/my_texts/                      # a folder (or glob) of .txt files
-    python data.py corpus.jsonl --text-column text  # .jsonl / .parquet files
+    python data.py ~/my_texts/ --text-column text   # a folder, glob or file: .txt, .jsonl or .parquet
     python data.py openwebtext --max-tokens 1e9     # any Hugging Face dataset (streamed)
     python data.py openwebtext --tokenizer hf:TinyLlama/TinyLlama_v1.1  # a Hugging Face tokenizer
 
@@ -232,7 +231,6 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         tmp[split].write(np.asarray(ids + [tok.eot], dtype=dtype).tobytes())
         counts[f'{split}_tokens'] += len(ids) + 1
         counts[f'{split}_docs'] += 1
-
     pool = Pool(args.num_proc) if args.num_proc > 1 else None
     encoded = pool.imap(_encode, ((tokenizer, d) for d in documents(name, args)), chunksize=16) if pool else \
         (tok.encode(d) for d in documents(name, args))
