@@ -18,9 +18,9 @@ import contextlib
 import copy
 import json
 import multiprocessing
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from resource import getpagesize
 
 import torch
 
@@ -129,9 +129,8 @@ def train_seconds(r, args):
 
 
 def profile(r, args):
-    """Shares of a step: the blocks (a step with a free stand-in for the output layer and loss, less
-    the optimizer), the output layer + loss (forward and backward again on the inputs it had) and the
-    optimizer."""
+    """Shares of a step: the blocks (a step with a free stand-in for output layer + loss, less the
+    optimizer), output layer + loss (forward and backward again on the inputs it had), the optimizer."""
     heads = []
 
     def stand_in(x, loss=None, **kw):
@@ -162,21 +161,19 @@ def memory(spec, args):  # in a fresh process: the peak of step 1, resident afte
             out['peak_mem_step'] = torch.cuda.max_memory_allocated() if cuda else \
                 int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
         if step in (20, args.mem_steps):
-            pages = int(open('/proc/self/statm').read().split()[1])
-            out[f'rss_after_{step}_steps'] = pages * resource.getpagesize()
+            out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * getpagesize()
     return out
 
 
 def sample_once(r, cache):
     """Seconds and NFE of one sampling run: a start token, then sample_length - 1 new tokens."""
-    args = r['args']
+    args, algo, model = r['args'], r['algo'], r['model'].eval()
     args.cache, args.block_size = cache, max(args.block_size, args.sample_length)  # one window: no strides
     torch.manual_seed(0)
     prompt = torch.zeros(args.num_samples, 1, dtype=torch.long, device=args.device)
     with r['autocast'], torch.no_grad():
-        seconds, (_, nfe) = timed(lambda: r['algo'].sample(r['model'].eval(), args, args.num_samples,
-                                                           args.sample_length, prompt, device=args.device),
-                                  args.device)
+        seconds, (_, nfe) = timed(lambda: algo.sample(model, args, args.num_samples, args.sample_length,
+                                                      prompt, device=args.device), args.device)
     return seconds, nfe
 
 
@@ -199,7 +196,6 @@ def main(argv=None):
     if args.train:
         peak = peak_flops(args.device, getattr(torch, args.dtype))
         for r in runs:  # warm-up (compilation happens here)
-            r['model'].train()
             train_seconds(r, args)
         for _ in range(args.rounds):
             for r in runs:
@@ -222,11 +218,9 @@ def main(argv=None):
         for r in runs:
             r['result'].update(sample_length=args.sample_length, sample_steps=r['args'].steps)
     first = runs[0]['result']
-    for res in (r['result'] for r in runs):
-        if len(runs) > 1:  # ratios to the first entry, the point of one shared run
-            for k in ('train_tok_per_s', 'sample_seconds_cache', 'sample_seconds_nocache'):
-                if k in res:
-                    res[f'{k}_vs_{first["algo"]}'] = res[k] / first[k]
+    ratios = ('train_tok_per_s', 'sample_seconds_cache', 'sample_seconds_nocache') if len(runs) > 1 else ()
+    for res in (r['result'] for r in runs):  # ratios to the first entry, the point of one shared run
+        res.update({f'{k}_vs_{first["algo"]}': res[k] / first[k] for k in ratios if k in res})
         lines = (f'{k:>40}: {v:.4g}' if isinstance(v, float) else f'{k:>40}: {v}' for k, v in res.items())
         print(json.dumps(res) if args.json else '\n'.join(lines) + '\n')
     return [r['result'] for r in runs]
