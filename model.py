@@ -62,8 +62,7 @@ def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
     return per_token + per_seq / seq_len + attn
 
 
-# ----------------------------------------------------------------------------
-# building blocks
+# ---- building blocks -------------------------------------------------------
 
 def modulate(x, shift, scale):  # adaLN
     return x * (1 + scale) + shift
@@ -154,8 +153,7 @@ class Block(nn.Module):
         return x + gate2 * F.dropout(h, self.dropout, self.training)
 
 
-# ----------------------------------------------------------------------------
-# the network
+# ---- the network -----------------------------------------------------------
 
 class DiT(nn.Module):
     def __init__(self, cfg):
@@ -207,8 +205,7 @@ class DiT(nn.Module):
         return (F.linear if loss is None else loss)(h, self.out.weight, self.out.bias + self.pad_bias)
 
 
-# ----------------------------------------------------------------------------
-# the output layer and its loss in one (--fused, the default)
+# ---- the output layer and its loss in one (--fused, the default) -----------
 
 def cross_entropy(logits, targets, grad=False):
     """-log softmax(logits)[target] per row (N,), in float32 at least; with grad=True
@@ -224,10 +221,10 @@ def cross_entropy(logits, targets, grad=False):
 
 
 class Loss:
-    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the
-    network outputs (rows: per-row tensors or constants; fn, e.g. cross_entropy, also
-    returns d loss / d logits with grad=True). With weight ((N,) or a number): the
-    training loss sum_i weight_i loss_i. fused=False: the plain path, logits then fn."""
+    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the network outputs
+    (rows: per-row tensors or constants; fn, e.g. cross_entropy, also returns d loss / d logits with
+    grad=True). With weight ((N,) or a number): the training loss sum_i weight_i loss_i. fused=False:
+    the plain path, logits then fn."""
 
     def __init__(self, fn, *rows, weight=None, fused=True):
         self.fn, self.rows, self.weight, self.fused = fn, rows, weight, fused
@@ -250,10 +247,9 @@ CHUNK = 256  # rows of logits at a time: the last chunk's padding wastes < CHUNK
 
 
 def chunked_loss(h, W, b, fn, rows, weight=None):
-    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with weight
-    the gradients of sum_i weight_i loss_i in h, W, b from the same logits. The last chunk
-    is padded (the last row again, weight 0): every call allocates the same (CHUNK, V)
-    blocks, so the heap does not fragment under sizes that change every step."""
+    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with weight the gradients
+    of sum_i weight_i loss_i in h, W, b from the same logits. The last chunk is padded (the last row
+    again, weight 0): every call allocates the same (CHUNK, V) blocks: no heap fragments as N changes."""
     N, grad = len(h), weight is not None
     idx = torch.arange(-(-N // CHUNK) * CHUNK, device=h.device).clamp(max=max(N - 1, 0))
     h, rows = h[idx], [r[idx] if torch.is_tensor(r) else r for r in rows]
@@ -298,8 +294,7 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-# ----------------------------------------------------------------------------
-# sampling helpers shared by the methods' samplers
+# ---- sampling helpers shared by the methods' samplers ----------------------
 
 def top_p_filter(probs, top_p):
     """Nucleus: keep the smallest set of tokens whose mass reaches top_p, renormalised."""
