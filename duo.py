@@ -23,11 +23,7 @@ at s = t - dt, both reading argmax of the *same* Gaussian trajectory, with dt
 doubling each time the teacher is refreshed; the student then samples well
 in a few steps.
 
-Same four functions as ar.py, mdlm.py and esolm.py:
-  vocab_size(K)                     K: no [MASK]
-  train_loss(model, x, u, args, step, state) -> scalar, mean per token
-  eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
+The contract of ar.py (vocab_size, train_loss, eval_nll, sample); vocab_size(K) = K, no [MASK].
 """
 import copy
 import math

@@ -30,11 +30,7 @@ fraction --batch-split of the batch the diffusion loss and the rest the
 sequential one. The network never sees the time (--time-cond is refused): a
 cached key must stay valid at every later step.
 
-Same four functions as ar.py, mdlm.py and duo.py:
-  vocab_size(K)                     K real tokens + [MASK] (id K)
-  train_loss(model, x, u, args, step, state) -> scalar, mean per token
-  eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
+The contract of ar.py (vocab_size, train_loss, eval_nll, sample); vocab_size(K) = K real tokens + [MASK], id K.
 """
 import math
 

@@ -26,11 +26,7 @@ prompt, or any positions to infill) are just carried over, and text longer
 than the training context is generated window by window, each window keeping
 the tail of the previous one as its clean prefix.
 
-Same four functions as ar.py, duo.py and esolm.py:
-  vocab_size(K)                     K real tokens + [MASK] (id K)
-  train_loss(model, x, u, args, step, state) -> scalar, mean per token
-  eval_nll(model, x, u, args)       -> (NELBO per sequence (B,), tokens per sequence)
-  sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
+The contract of ar.py (vocab_size, train_loss, eval_nll, sample); vocab_size(K) = K real tokens + [MASK], id K.
 Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight,
 masked_subset.
 """
