@@ -7,10 +7,7 @@
     python bench.py --algo ar ar:fused=False mdlm --profile --mem --mem-steps 1 --no-sample
 
 Several --algo entries run in one process, interleaved over --rounds, each figure the best round:
-the machines are shared and noisy, so compare the ratios of one run, not numbers across runs. On CPU
-the MFU peak is this machine's measured matmul FLOP/s in the same dtype. --mem runs each entry in a
-fresh process: the peak memory of one training step (CPU: peak RSS, setup included; GPU: max
-allocated), the resident memory after 20 and --mem-steps steps.
+compare the ratios of one run (the machines are shared and noisy), not numbers across runs.
 """
 import argparse
 import ast

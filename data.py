@@ -36,8 +36,7 @@ EXTENSIONS = ('.txt', '.jsonl', '.json', '.parquet')
 EOS = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')  # a Hugging Face tokenizer's document separator
 
 
-# ----------------------------------------------------------------------------
-# tokenizers
+# ---- tokenizers ------------------------------------------------------------
 
 @dataclass
 class Tokenizer:
@@ -99,8 +98,7 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
 
 
-# ----------------------------------------------------------------------------
-# sources: each yields documents (strings)
+# ---- sources: each yields documents (strings) ------------------------------
 
 def source_files(name):
     """A local source's files, sorted (the shipped archive for 'shakespeare'); [] for a Hub name."""
@@ -155,8 +153,7 @@ def hub_documents(path, args, **kw):
                          f"check the name, or pass a local folder/file") from None
 
 
-# ----------------------------------------------------------------------------
-# preparation
+# ---- preparation -----------------------------------------------------------
 
 def slug(name):
     """A folder-name-safe key; a local path: its base name and a hash of where it is."""
@@ -275,8 +272,7 @@ def load_meta(data_dir):
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------
-# batches
+# ---- batches ---------------------------------------------------------------
 
 def get_batch(data_dir, split, starts, block_size, device, dtype):
     """Windows of block_size tokens from `starts` (a LongTensor) as (B, L) int64; dtype: meta.json's."""

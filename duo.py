@@ -56,8 +56,7 @@ def vocab_size(K):
     return K
 
 
-# ----------------------------------------------------------------------------
-# forward process
+# ---- forward process -------------------------------------------------------
 
 def schedule(t):
     """Log-linear schedule (GUIDE §1): alpha_t = 1 - (1 - eps) t and alpha'_t."""
@@ -70,8 +69,7 @@ def corrupt(x, alpha_t, K):
     return torch.where(noisy, torch.randint_like(x, K), x)
 
 
-# ----------------------------------------------------------------------------
-# the Gaussian dual: alpha = T(atilde), Duo eq. 10
+# ---- the Gaussian dual: alpha = T(atilde), Duo eq. 10 ----------------------
 
 def dto_table(K, h=2e-3):
     """alpha = T(atilde) and d alpha / dm on the grid m = 0, h, 2h, ... up to where
@@ -145,8 +143,7 @@ def gamma_range(args, distill=False):
     return lo, hi
 
 
-# ----------------------------------------------------------------------------
-# loss
+# ---- loss ------------------------------------------------------------------
 
 def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
     """Closed-form NELBO integrand per token (Duo eq. 17; GUIDE §5), in float32 at least.
@@ -270,8 +267,7 @@ def train_loss(model, x, u, args, step, state):
     return elbo_loss(model, x, EPS + (1 - EPS) * u, args, weight=1 / x.numel())  # the mean; GUIDE §1
 
 
-# ----------------------------------------------------------------------------
-# evaluation
+# ---- evaluation ------------------------------------------------------------
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
@@ -292,8 +288,7 @@ def eval_nll(model, x, u, args):
     return (w * elbo_loss(model, x, t, args, z_t=z_t)).sum(1) + L * prior_kl(K), L
 
 
-# ----------------------------------------------------------------------------
-# sampling
+# ---- sampling --------------------------------------------------------------
 
 def posterior(p, z, alpha_t, alpha_s, K):
     """q(z_s | z_t = z, x = p) over the K tokens (GUIDE §5), with x_theta = p (..., K):

@@ -77,8 +77,7 @@ def check_args(args, training=False):
         raise ValueError(f'--alpha0 {a0} trains both parts: use 0 < --batch-split < 1 (e.g. 0.5)')
 
 
-# ----------------------------------------------------------------------------
-# the sorted order
+# ---- the sorted order ------------------------------------------------------
 
 def sort_order(masked, masked_left_to_right=False):
     """Indices (B, L) that put each row's clean positions first and its masked
@@ -100,8 +99,7 @@ def sequential_mask(L, device):
     return torch.cat([z_rows, x_rows], 0)
 
 
-# ----------------------------------------------------------------------------
-# loss
+# ---- loss ------------------------------------------------------------------
 
 def token_nll(model, z_s, x_s, m_s, K, weight=None, fused=True, select=None, **kw):
     """Sum per row of -log x_theta at the masked positions m_s (B,) of the sorted input z_s
@@ -177,8 +175,7 @@ def mfu_flops(cfg, args):
     return s * flops_per_token(cfg, L, True, 1 - a0 / 2) + (1 - s) * 2 * flops_per_token(cfg, 2 * L, True, (1 - a0) / 2)
 
 
-# ----------------------------------------------------------------------------
-# evaluation
+# ---- evaluation ------------------------------------------------------------
 
 @torch.no_grad()
 def iw_nll(model, x, args):
@@ -221,8 +218,7 @@ def eval_nll(model, x, u, args):
     return nll, L
 
 
-# ----------------------------------------------------------------------------
-# sampling
+# ---- sampling --------------------------------------------------------------
 
 def unmask_counts(n_masked, steps, alpha0):
     """The diffusion phase's schedule, t = 1 -> 0 in `steps` steps: how many tokens

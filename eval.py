@@ -6,8 +6,7 @@
 
 Consecutive windows of the split (up to --max-batches batches, spread over it) are scored with the
 method's eval_nll: AR's exact NLL, or for MDLM, Duo and Eso-LM a Monte Carlo draw of the NELBO, an
-upper bound (printed "PPL <="). The 95% interval is mean +- 1.96 SE over batches: it holds the Monte
-Carlo noise and the variation between windows; under ~30 batches it is too narrow.
+upper bound (printed "PPL <="); the 95% interval is mean +- 1.96 SE over batches (too narrow under ~30).
 """
 import argparse
 import contextlib

@@ -50,8 +50,7 @@ def vocab_size(K):
     return K + 1  # ids 0..K-1 are tokens, K is [MASK]
 
 
-# ----------------------------------------------------------------------------
-# forward process
+# ---- forward process -------------------------------------------------------
 
 def schedule(t, alpha0=1.0):
     """Log-linear schedule (GUIDE §1): alpha_t = alpha0 (1 - (1 - eps) t) and its
@@ -70,8 +69,7 @@ def time_sigma(alpha_t, args):
     return -torch.log(alpha_t).float() if getattr(args, 'time_cond', False) else None
 
 
-# ----------------------------------------------------------------------------
-# loss
+# ---- loss ------------------------------------------------------------------
 
 def masked_cross_entropy(logits, targets, mask_id, grad=False):
     """-log x_theta(z_t)_l[x^l] for the selected (masked) positions, logits (N, V).
@@ -120,8 +118,7 @@ def mfu_flops(cfg, args):  # per token: the output layer runs at the masked posi
     return flops_per_token(cfg, args.block_size, attention=True, out_share=0.5)
 
 
-# ----------------------------------------------------------------------------
-# evaluation
+# ---- evaluation ------------------------------------------------------------
 
 def masked_subset(x, u, alpha0=1.0):
     """k ~ pi(k) = P(Binomial(L, 1 - alpha0) < k) / (L alpha0), k = 1..L, by inverse CDF
@@ -153,8 +150,7 @@ def eval_nll(model, x, u, args):
     return L / k * per_seq, L
 
 
-# ----------------------------------------------------------------------------
-# sampling
+# ---- sampling --------------------------------------------------------------
 
 @torch.no_grad()
 def denoise(model, args, z, keep, report):

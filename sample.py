@@ -7,8 +7,7 @@
 
 Every sample starts with the end-of-text id, then the prompt; --length counts both. Prints the samples,
 the number of network calls (NFE), seconds and tokens/s; a list of --steps: one run per value, same seed.
---judge scores the samples (generative perplexity and unigram entropy, as the papers do: README "Sample
-quality"). --infill fills gaps (diffusion methods); --trace and --trace-html show the steps of sample 0.
+--judge: generative perplexity and unigram entropy (README "Sample quality"); --infill, --trace: README.
 """
 import argparse
 import contextlib
@@ -84,8 +83,7 @@ def parse_with_checkpoint(parser, method_flags, argv):
     return parser.parse_args(argv, namespace=known), ckpt
 
 
-# ----------------------------------------------------------------------------
-# sample quality: a judge's perplexity and the samples' entropy
+# ---- sample quality: a judge's perplexity and the samples' entropy ---------
 
 @dataclass
 class Judge:

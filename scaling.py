@@ -7,8 +7,7 @@
 Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at every budget C each size N
 trains with train.py --flops C (so D = C / 6N tokens) in OUT_DIR/<algo>-<size>-<C>/; a parabola of the
 final validation loss in log N has its vertex at (N*(C), L*(C)), and across budgets N* = k C^a, L* = c C^b.
-Rerunning a command skips the finished runs and resumes the others (--resume auto). Writes runs.csv,
-optima.csv, scaling.md and scaling.png (needs the optional matplotlib) in OUT_DIR.
+Rerunning resumes (finished runs are skipped). Writes runs.csv, optima.csv, scaling.md, scaling.png.
 """
 import argparse
 import csv
@@ -64,8 +63,7 @@ def train_argv(algo, size, flops, out_dir, extra):
     return ['--algo', algo, '--size', size, '--flops', budget_str(flops), '--out-dir', out_dir, '--resume', 'auto', *extra]
 
 
-# ----------------------------------------------------------------------------
-# running the grid and collecting its results
+# ---- running the grid and collecting its results ---------------------------
 
 def read_result(path):
     """The finished run in `path` as a row of runs.csv; None before its last step's validation loss."""
@@ -123,8 +121,7 @@ def write_csv(path, rows):
         w.writerows(rows)
 
 
-# ----------------------------------------------------------------------------
-# the fits
+# ---- the fits --------------------------------------------------------------
 
 def fit_parabola(log_n, loss):
     """The vertex (log N*, L*) of the least-squares L = p2 x^2 + p1 x + p0 in x = log N;
