@@ -8,7 +8,6 @@ sample.py and bench.py never branch on the method:
   sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None) -> (tokens, NFE)
 """
 import torch
-import torch.nn.functional as F
 
 from model import KVCache, Loss, cross_entropy, in_windows, sample_categorical, start_tokens, top_p_filter
 
@@ -32,8 +31,8 @@ def train_loss(model, x, u, args, step, state):
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    logits = model(x[:, :-1], causal=True)
-    nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction='none')
+    loss = Loss(cross_entropy, x[:, 1:].flatten(), fused=getattr(args, 'fused', True))  # per-row -log p
+    nll = model(x[:, :-1], causal=True, loss=loss)
     return nll.view(x.shape[0], -1).sum(1), x.shape[1] - 1
 
 

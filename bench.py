@@ -51,8 +51,7 @@ def get_parser():
     p.add_argument('--top-p', type=float, default=1.0)
     p.add_argument('--json', action='store_true', help='one JSON object per --algo entry')
     for name in ALGOS:
-        with contextlib.suppress(SystemExit):
-            load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+        load_algo(name).add_args(p.add_argument_group(f'{name} options'))
     return p
 
 
@@ -119,8 +118,7 @@ def train_step(r, model=None):
     r['opt'].zero_grad(set_to_none=True)
 
 
-def train_seconds(r, args):
-    """Median seconds of one optimizer step (forward, backward, AdamW)."""
+def train_seconds(r, args):  # median seconds of one optimizer step (forward, backward, AdamW)
     times = sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))
     return times[args.iters // 2]
 

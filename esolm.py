@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from mdlm import loss_weight, mask_tokens, masked_cross_entropy, masked_subset, schedule
+from mdlm import loss_weight, mask_tokens, masked_cross_entropy, masked_subset, schedule, vocab_size  # noqa: F401
 from model import KVCache, Loss, flops_per_token, in_windows, sample_categorical, start_tokens, top_p_filter
 
 EXACT = False  # eval_nll is the NELBO (or an importance-weighted bound), not the exact NLL
@@ -50,10 +50,6 @@ def add_args(parser):  # a parser or argument group; --loss (and --time-cond) be
                         'the diffusion loss, the rest with the sequential one (default: 1)')
     parser.add_argument('--iw-orders', type=int, default=0, help='validate with an importance-weighted bound '
                         'over this many random orders (default: 0 = the NELBO)')
-
-
-def vocab_size(K):
-    return K + 1  # ids 0..K-1 are tokens, K is [MASK]
 
 
 def check_args(args, training=False):

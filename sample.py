@@ -33,10 +33,9 @@ def add_method_args(parser):
     """Every method's own flags, in groups; returns their names (dest)."""
     flags = set()
     for name in ALGOS:
-        with contextlib.suppress(SystemExit):
-            group = parser.add_argument_group(f'{name} options')
-            load_algo(name).add_args(group)
-            flags |= {a.dest for a in group._group_actions}
+        group = parser.add_argument_group(f'{name} options')
+        load_algo(name).add_args(group)
+        flags |= {a.dest for a in group._group_actions}
     return flags
 
 
@@ -172,19 +171,13 @@ def score(judge, tokens, prompt_len, tok):
 # ----------------------------------------------------------------------------
 
 def parse_steps(text, default):
-    if text is None:
-        return [default]
-    try:
-        steps = [int(s) for s in str(text).split(',') if s.strip()]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
+    steps = [s.strip() for s in str(text).split(',') if s.strip()] if text is not None else [str(default)]
+    if not steps or not all(s.isdigit() and int(s) >= 1 for s in steps):
         raise SystemExit(f"--steps '{text}': give a positive integer or a comma-separated list, e.g. 8,64,1024")
-    return steps
+    return [int(s) for s in steps]
 
 
-def check_args(args):
-    """Out-of-range values: one line each, before any work."""
+def check_args(args):  # out-of-range values: one line each, before any work
     rules = [('--num-samples', args.num_samples >= 1, '>= 1'), ('--top-p', 0 < args.top_p <= 1, 'in (0, 1]'),
              ('--length', args.length is None or args.length >= 1, '>= 1 (or omitted: the context)'),
              ('--temperature', args.temperature > 0, '> 0'), ('--trace-every', args.trace_every >= 1, '>= 1'),

@@ -31,13 +31,13 @@ def toy_stream(seqs, probs, n, seed=0):
 
 def ar_oracle(seqs, probs):
     """Stand-in AR network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
         B, n = x.shape
         padded = torch.cat([x, torch.zeros(B, L - n, dtype=torch.long)], 1)
         out = torch.empty(B, n, K, dtype=torch.float64)
         for l in range(n):
             out[:, l] = conditionals(seqs, probs, padded, (torch.arange(L) <= l).expand(B, L), K)[:, l + 1]
-        return out.log()
+        return out.log() if loss is None else loss(out.log())
     return model
 
 
