@@ -23,7 +23,7 @@ import torch
 
 import data
 from model import SIZES, DiT, get_config
-from train import ALGOS, ON_GPU, compile_model, load_algo, mfu_flops_per_token, peak_flops
+from train import ALGOS, DTYPE, ON_GPU, compile_model, load_algo, mfu_flops_per_token, peak_flops
 
 
 def get_parser():
@@ -36,7 +36,7 @@ def get_parser():
     p.add_argument('--iters', type=int, default=5, help='timed training steps per round (the median counts)')
     p.add_argument('--rounds', type=int, default=2, help='interleaved rounds; each figure is the best')
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
-    p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    p.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--compile', action='store_true')
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='output layer + loss without all the logits (default: on; per entry: fused=False)')

@@ -35,8 +35,7 @@ def get_parser():
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
-    p.add_argument('--dtype', default='bfloat16' if ON_GPU else 'float32',
-                   choices=['bfloat16', 'float16', 'float32'])
+    p.add_argument('--dtype', default='bfloat16' if ON_GPU else 'float32', choices=['bfloat16', 'float16', 'float32'])
     return p, add_method_args(p)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 from model import Config, DiT
-from train import ALGOS, ON_GPU, load_algo, load_checkpoint
+from train import ALGOS, DTYPE, ON_GPU, load_algo, load_checkpoint
 
 
 def add_method_args(parser):
@@ -62,7 +62,7 @@ def get_parser():
     p.add_argument('--json', action='store_true', help='also print one JSON line per run')
     p.add_argument('--show', type=int, default=None, help='print this many samples per run (default: all)')
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
-    p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    p.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'])
     return p, add_method_args(p)
 
 

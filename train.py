@@ -29,7 +29,7 @@ from model import DiT, SIZES, flops_per_token, get_config
 
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
-# (GPU: the seed's recipe, CPU: a ~10 minute run of the 6M model)
+DTYPE = 'bfloat16' if ON_GPU or torch.cpu._is_avx512_bf16_supported() else 'float32'  # else bf16 is ~100x slower
 DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256),
                 max_iters=(100_000, 400), lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4), eval_interval=(1000, 100),
                 eval_iters=(50, 10), ckpt_interval=(1000, 250), ema=(0.0, 0.0))
@@ -90,7 +90,8 @@ def get_parser():
     g.add_argument('--ckpt-interval', type=int, help=d('ckpt_interval'))
     g = p.add_argument_group('system')
     g.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
-    g.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    g.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'],
+                   help=f'autocast dtype (default here: {DTYPE}; bfloat16 needs a GPU or an AVX512-BF16 CPU)')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
                    help='torch.compile the network (default: on with CUDA)')
     g.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
