@@ -123,9 +123,9 @@ def mfu_flops(cfg, args):  # per token: the output layer runs at the masked posi
 def masked_subset(x, u, alpha0=1.0):
     """k ~ pi(k) = P(Binomial(L, 1 - alpha0) < k) / (L alpha0), k = 1..L, by inverse CDF
     at the stratified u, and a uniform k-subset of each row: masked (B, L), k (B,)."""
-    L, j = x.shape[1], torch.arange(x.shape[1] + 1, dtype=torch.float64)
+    L, j, a0 = x.shape[1], torch.arange(x.shape[1] + 1, dtype=torch.float64), torch.tensor(alpha0, dtype=torch.float64)
     log_pmf = torch.lgamma(j[-1] + 1) - torch.lgamma(j + 1) - torch.lgamma(L - j + 1) \
-        + torch.xlogy(j, torch.tensor(1 - alpha0)) + torch.xlogy(L - j, torch.tensor(alpha0))
+        + torch.xlogy(j, 1 - a0) + torch.xlogy(L - j, a0)                  # log P(Binomial(L, 1 - alpha0) = j)
     cdf = log_pmf.exp().cumsum(0)[:L].cumsum(0) / (L * alpha0)     # sum_k P(Bin < k) = L alpha0
     k = (torch.searchsorted(cdf, u.double().cpu(), right=True) + 1).clamp(max=L).to(x.device)
     return torch.rand(x.shape, device=x.device).argsort(1).argsort(1) < k[:, None], k
