@@ -146,37 +146,43 @@ def gamma_range(args, distill=False):
 # ---- loss ------------------------------------------------------------------
 
 def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
-    """Closed-form NELBO integrand per token (Duo eq. 17; GUIDE §5), in float32 at least.
-    logits (N, V >= K) with -inf beyond K; x clean, z noisy tokens (N,); alpha_t,
-    alpha'_t (N,). With xbar = K a x_theta + (1 - a) the loss needs only
-    sum_j log xbar_j and xbar at z and x. Written with r = K a / (1 - a):
-    log xbar_j = log(1 - a) + softplus(v_j), v_j = log(r x_theta_j), and
-    kappa = (1 - a) / (K a + 1 - a) = 1 / (1 + r): no softmax is materialised and
-    no large constants cancel near a = 0 or 1.
-    grad=True also returns d f / d logits (fused path), f = C (term1 - term2), C = a'/(K a), by hand:
-    dv_j / dlogit_k = [j=k] - x_theta_k, d softplus(v)/dv = sigmoid(v) =: s, d sigmoid(-v)/dv = -s (1 - s), so
-      g_j = df/dv_j = C (c s_j + [j=z] ((r/a) s_z (1 - s_z) - (K c + r) s_z) + [j=x] r s_x)
-      df/dlogit_k = g_k - x_theta_k sum_j g_j,   x_theta_k = exp(v_k) / r."""
+    """Closed-form NELBO integrand per token (Duo eq. 17; GUIDE §5), in float32 at least. logits (N, V >= K)
+    with -inf beyond K; x clean, z noisy tokens (N,); alpha_t, alpha'_t (N,). With xbar = K a x_theta + (1 - a)
+    the loss needs only sum_j log xbar_j and xbar at z and x. Written with r = K a / (1 - a) and
+    e_j = r x_theta_j =: exp(v_j): log xbar_j = log(1 - a) + softplus(v_j), kappa = (1 - a) / (K a + 1 - a)
+    = 1 / (1 + r): no large constants cancel near a = 0 or 1.
+    grad=True (the fused path, where logits is a scratch chunk it overwrites) also returns d f / d logits,
+    f = C (term1 - term2), C = a'/(K a), by hand: dv_j / dlogit_k = [j=k] - x_theta_k,
+    d softplus(v)/dv = sigmoid(v) =: s, d sigmoid(-v)/dv = -s (1 - s), so with
+      g_j = df/dv_j = C (c s_j + [j=z] g_z + [j=x] g_x),  g_z = (r/a) s_z (1 - s_z) - (K c + r) s_z,  g_x = r s_x
+      df/dlogit_k = g_k - (e_k / r) sum_j g_j = C e_k (Q - c s_k) + the [j=z], [j=x] parts,
+    Q = (c sum_j e_j s_j - g_z - g_x) / r (from sum_j s_j = r - sum_j e_j s_j, as e_j - s_j = e_j s_j)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)   # float32, or float64 if given
     a, da, logits = alpha_t.to(dtype), dalpha_t.to(dtype), logits.to(dtype)
     r = K * a / (1 - a)
-    v = logits + (torch.log(r) - logits.logsumexp(-1))[:, None]  # log(r x_theta_j); -inf on padding
-    y_sum = F.softplus(v).sum(-1)                        # sum_j log(xbar_j / (1 - a))
-    v_z, v_x = v.gather(-1, z[:, None])[:, 0], v.gather(-1, x[:, None])[:, 0]
+    l_z, l_x = logits.gather(-1, z[:, None])[:, 0], logits.gather(-1, x[:, None])[:, 0]
+    m = logits.detach().amax(-1, keepdim=True)
+    e = (logits.sub_(m) if grad else logits - m).exp_()  # exp(logit_j - max), in place on the fused path
+    S = e.sum(-1, keepdim=True)
+    e = e.mul_(r[:, None] / S) if grad else e * (r[:, None] / S)  # e_j = r x_theta_j
+    soft = torch.log1p(e)                                # softplus(v_j) = log(xbar_j / (1 - a))
+    v_z, v_x = (l - m[:, 0] - S[:, 0].log() + torch.log(r) for l in (l_z, l_x))
     y_z, y_x = F.softplus(v_z), F.softplus(v_x)
     same, kappa = x == z, 1 / (1 + r)
     c = torch.where(same, kappa, 1.0)                    # kappa [x==z] + [x!=z]
     term1 = (r / a) * (c - torch.sigmoid(-v_z))          # K (1/xbar_z_true - 1/xbar[z])
     offset = torch.where(same, -(K - 1) * kappa, 1 + r) * torch.log1p(r)  # ((K-1)k[x==z] - [x!=z]/k) log k
-    term2 = -c * (y_sum - K * y_z) - r * (y_x - y_z) + offset
+    term2 = -c * (soft.sum(-1) - K * y_z) - r * (y_x - y_z) + offset
     C = da / (K * a)
     if not grad:
         return C * (term1 - term2)                       # >= 0 (a' < 0)
-    s = torch.sigmoid(v)
-    s_z, s_x = s.gather(-1, z[:, None]), s.gather(-1, x[:, None])
-    g = s.mul_(c[:, None]).scatter_add_(-1, z[:, None], (r / a)[:, None] * s_z * (1 - s_z) - (K * c + r)[:, None] * s_z)
-    g.scatter_add_(-1, x[:, None], r[:, None] * s_x)    # g / C
-    return C * (term1 - term2), C[:, None] * (g - v.exp_().div_(r[:, None]) * g.sum(-1, keepdim=True))
+    s = torch.div(e, soft.copy_(e).add_(1), out=soft)    # s_j = sigmoid(v_j), in soft's memory
+    s_z, s_x = torch.sigmoid(v_z), torch.sigmoid(v_x)
+    g_z, g_x = (r / a) * s_z * (1 - s_z) - (K * c + r) * s_z, r * s_x
+    Q = (c * torch.einsum('nv,nv->n', e, s) - g_z - g_x) / r
+    g = s.mul_(-(C * c)[:, None]).add_((C * Q)[:, None]).mul_(e)  # C e_k (Q - c s_k): no c e_k - c e_k cancels
+    g.scatter_add_(-1, z[:, None], (C * g_z)[:, None]).scatter_add_(-1, x[:, None], (C * g_x)[:, None])
+    return C * (term1 - term2), g
 
 
 def nelbo_loss(x, z_t, alpha_t, dalpha_t, args, weight=None):
@@ -309,10 +315,8 @@ def denoise(model, args, z, keep, report):
     for i, (alpha_t, alpha_s) in enumerate(zip(alphas[:-1], alphas[1:])):
         sigma = torch.full((z.shape[0],), -math.log(alpha_t), device=z.device)
         p = model(z, sigma=sigma)[..., :K].to(dtype).softmax(-1)   # x_theta
-        if greedy and alpha_s == 1:
-            z_s = p.argmax(-1)
-        else:
-            z_s = sample_categorical(top_p_filter(posterior(p, z, alpha_t, alpha_s, K), top_p))
+        z_s = p.argmax(-1) if greedy and alpha_s == 1 else \
+            sample_categorical(top_p_filter(posterior(p, z, alpha_t, alpha_s, K), top_p))
         z = torch.where(keep, z, z_s)
         report(z, i + 1, lambda: (z != p.argmax(-1)) & ~keep)   # no argmax unless traced
     return z, T + 1

@@ -27,8 +27,7 @@ than the training context is generated window by window, each window keeping
 the tail of the previous one as its clean prefix.
 
 The contract of ar.py (vocab_size, train_loss, eval_nll, sample); vocab_size(K) = K real tokens + [MASK], id K.
-Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight,
-masked_subset.
+Pieces Eso-LM reuses: schedule, mask_tokens, masked_cross_entropy, loss_weight, masked_subset.
 """
 import torch
 

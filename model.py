@@ -208,23 +208,23 @@ class DiT(nn.Module):
 # ---- the output layer and its loss in one (--fused, the default) -----------
 
 def cross_entropy(logits, targets, grad=False):
-    """-log softmax(logits)[target] per row (N,), in float32 at least; with grad=True
-    also its gradient in the logits, softmax(logits) - onehot(target) (N, V)."""
+    """-log softmax(logits)[target] per row (N,), in float32 at least; with grad=True (the fused path, where
+    logits is a scratch chunk it overwrites) also its gradient in the logits, softmax - onehot(target) (N, V)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = logits.logsumexp(-1)
-    loss = lse - logits.gather(-1, targets[:, None])[:, 0]
+    l_target = logits.gather(-1, targets[:, None])[:, 0]
     if not grad:
-        return loss
-    d = (logits - lse[:, None]).exp_()
-    d[torch.arange(len(targets), device=d.device), targets] -= 1
-    return loss, d
+        return logits.logsumexp(-1) - l_target
+    m = logits.amax(-1, keepdim=True)
+    p = logits.sub_(m).exp_()                   # one pass: exp(logit - max) serves the loss and the softmax
+    S = p.sum(-1, keepdim=True)
+    p.div_(S)[torch.arange(len(targets), device=p.device), targets] -= 1
+    return (m + S.log())[:, 0] - l_target, p
 
 
 class Loss:
-    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the network outputs
-    (rows: per-row tensors or constants; fn, e.g. cross_entropy, also returns d loss / d logits with
-    grad=True). With weight ((N,) or a number): the training loss sum_i weight_i loss_i. fused=False:
-    the plain path, logits then fn."""
+    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the network outputs (rows:
+    per-row tensors or constants; fn, e.g. cross_entropy, also returns d loss / d logits with grad=True). With
+    weight ((N,) or a number): the training loss sum_i weight_i loss_i. fused=False: the plain path, logits, fn."""
 
     def __init__(self, fn, *rows, weight=None, fused=True):
         self.fn, self.rows, self.weight, self.fused = fn, rows, weight, fused
@@ -240,34 +240,33 @@ class Loss:
             with torch.no_grad():
                 return chunked_loss(h, W, b, self.fn, self.rows)[0]
         w = torch.as_tensor(self.weight, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, *self.rows)
+        return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, self.rows)
 
 
-CHUNK = 256  # rows of logits at a time: the last chunk's padding wastes < CHUNK rows
+CHUNK = 256  # rows of logits at a time
 
 
 def chunked_loss(h, W, b, fn, rows, weight=None):
-    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time, and with weight the gradients
-    of sum_i weight_i loss_i in h, W, b from the same logits. The last chunk is padded (the last row
-    again, weight 0): every call allocates the same (CHUNK, V) blocks: no heap fragments as N changes."""
-    N, grad = len(h), weight is not None
-    idx = torch.arange(-(-N // CHUNK) * CHUNK, device=h.device).clamp(max=max(N - 1, 0))
-    h, rows = h[idx], [r[idx] if torch.is_tensor(r) else r for r in rows]
-    weight = torch.where(torch.arange(len(idx), device=h.device) < N, weight[idx], 0) if grad else None
+    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time in one reused (CHUNK, V) buffer (a
+    fresh 50 MB block costs about a pass over it in page faults), and with weight the gradients of
+    sum_i weight_i loss_i in h, W, b from the same logits (fn(..., grad=True) may overwrite them)."""
+    grad = weight is not None
+    buf = h.new_empty(CHUNK, h.shape[1] if W is None else W.shape[0])  # one size every call: no heap fragments
     losses, dh = [h.new_zeros(0, dtype=torch.float32)], torch.empty_like(h) if grad else None
     dW, db = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
               if grad and t is not None else None for t in (W, b))
     for i in range(0, len(h), CHUNK):
         h_c, rows_c = h[i:i + CHUNK], [r[i:i + CHUNK] if torch.is_tensor(r) else r for r in rows]
-        out = fn(h_c if W is None else torch.addmm(b, h_c, W.t()), *rows_c, grad=grad)
+        logits = buf[:len(h_c)].copy_(h_c) if W is None else torch.addmm(b, h_c, W.t(), out=buf[:len(h_c)])
+        out = fn(logits, *rows_c, grad=grad)
         losses.append(out[0] if grad else out)
         if grad:
-            d = (out[1] * weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
+            d = out[1].mul_(weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
             dh[i:i + CHUNK] = d if W is None else d @ W
-            if W is not None:
-                dW += d.t() @ h_c
+            if W is not None:  # dW += d^T h_c, in place where the dtypes allow
+                dW.addmm_(d.t(), h_c) if dW.dtype == d.dtype else dW.add_(d.t() @ h_c)
                 db += d.sum(0)
-    return torch.cat(losses)[:N], None if dh is None else dh[:N], dW, db
+    return torch.cat(losses), dh, dW, db
 
 
 class LinearLoss(torch.autograd.Function):
@@ -277,15 +276,14 @@ class LinearLoss(torch.autograd.Function):
     (CHUNK, V) buffers replace the (N, V) logits, their float32 copy, the softmax and its gradient."""
 
     @staticmethod
-    def forward(ctx, h, W, b, weight, fn, *rows):
+    def forward(ctx, h, W, b, weight, fn, rows):
         loss, *grads = chunked_loss(h, W, b, fn, rows, weight)
         ctx.save_for_backward(*grads)
-        ctx.n_rows = len(rows)
         return (weight * loss).sum()
 
     @staticmethod
-    def backward(ctx, g):
-        return *(None if d is None else g * d for d in ctx.saved_tensors), None, None, *[None] * ctx.n_rows
+    def backward(ctx, g):  # d/dh, d/dW, d/db; none for weight, fn, rows
+        return *(None if d is None else g * d for d in ctx.saved_tensors), None, None, None
 
 
 def unwrap(model):

@@ -127,8 +127,7 @@ def check_args(a):
         if not ok:
             raise SystemExit(f"--{k.replace('_', '-')} must be {rule}, got {getattr(a, k)}")
     if a.resume and a.overwrite:
-        raise SystemExit('--resume continues the run in --out-dir and --overwrite starts over: '
-                         'pass one of them')
+        raise SystemExit('--resume continues the run in --out-dir and --overwrite starts over: pass one of them')
     if a.size not in SIZES:
         raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
     if a.device.startswith('cuda') and not ON_GPU:
@@ -232,8 +231,7 @@ class Trainer:
             raise SystemExit(f'--batch-size {a.batch_size} is not divisible by {self.world} ranks x '
                              f'--micro-batch-size {a.micro_batch_size}: change one of them')
         self.accum = a.batch_size // (self.world * a.micro_batch_size)
-        self.device_type = torch.device(a.device).type
-        self.dtype = getattr(torch, a.dtype)
+        self.device_type, self.dtype = torch.device(a.device).type, getattr(torch, a.dtype)
         self.autocast = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device_type, dtype=self.dtype)
 

@@ -46,10 +46,11 @@ def assert_same(algo, net, args, tol=1e-10):
     (l0, g0), (l1, g1) = loss_and_grads(algo, net, args, False), loss_and_grads(algo, net, args, True)
     assert l0.dtype == l1.dtype == net.embed.dtype
     assert torch.allclose(l0, l1, rtol=tol, atol=0), (l0, l1)
+    scale = max(a.abs().max() for a in g0 if a is not None)
     for a, b in zip(g0, g1):
         assert (a is None) == (b is None)
         if a is not None:
-            assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2), (a - b).abs().max()
+            assert torch.allclose(a, b, rtol=tol, atol=tol * scale), ((a - b).abs().max(), scale)
     assert sum(a.abs().sum() for a in g1 if a is not None) > 0
 
 
@@ -77,7 +78,7 @@ def test_duo_fused_equals_plain(curriculum, monkeypatch):  # the NELBO, and the 
     latent = duo.gaussian_latent
     monkeypatch.setattr(duo, 'gaussian_latent', lambda *a: latent(*a).double())  # a float64 soft input
     args = ns(curriculum_steps=curriculum, tau=0.1, gamma_min=None, gamma_max=None, distill_from=None)
-    assert_same(duo, random_dit(duo.vocab_size(K)), args)
+    assert_same(duo, random_dit(duo.vocab_size(K)), args, tol=1e-7)  # grads ~1e-8: the NELBO cancels digits
 
 
 def test_duo_hand_gradient_is_the_autograd_one():
@@ -96,7 +97,7 @@ def test_duo_hand_gradient_is_the_autograd_one():
     (auto,) = torch.autograd.grad(value.sum(), logits)
     with torch.no_grad():
         loss, hand = duo.nelbo_per_token(logits + pad, x, z, a, da, Kd, grad=True)
-    assert torch.equal(loss, value.detach())
+    assert torch.allclose(loss, value.detach(), rtol=1e-12, atol=1e-13), (loss - value).abs().max()
     assert torch.allclose(hand, auto, rtol=1e-9, atol=1e-9), (hand - auto).abs().max()  # |grad| up to 1e4
     assert (hand[:, Kd:] == 0).all()
 
