@@ -13,6 +13,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import ctypes
 import json
 import multiprocessing
 import time
@@ -41,8 +42,8 @@ def get_parser():
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='output layer + loss without all the logits (default: on; per entry: fused=False)')
     p.add_argument('--profile', action='store_true', help='shares: blocks, output layer + loss, optimizer')
-    p.add_argument('--mem', action='store_true', help='peak memory of a step and resident over --mem-steps')
-    p.add_argument('--mem-steps', type=int, default=300, help='training steps of --mem (default: 300)')
+    p.add_argument('--mem', action='store_true', help='peak memory of a step, and resident after --mem-steps')
+    p.add_argument('--mem-steps', type=int, default=300, help='steps of --mem\'s second run (default: 300; 1: none)')
     p.add_argument('--train', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample-length', type=int, default=256)
@@ -56,8 +57,7 @@ def get_parser():
 
 
 def check_args(args):  # every flag at parse time: one line naming the fix
-    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1,
-                 steps=1)
+    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1, steps=1)
     for k, v in least.items():
         if getattr(args, k) is not None and getattr(args, k) < v:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
@@ -119,8 +119,7 @@ def train_step(r, model=None):
 
 
 def train_seconds(r, args):  # median seconds of one optimizer step (forward, backward, AdamW)
-    times = sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))
-    return times[args.iters // 2]
+    return sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))[args.iters // 2]
 
 
 def profile(r, args):
@@ -145,16 +144,22 @@ def profile(r, args):
             'share_optimizer': opt / (step + head)}
 
 
-def memory(spec, args):  # in a fresh process: the peak of step 1, resident after 20 and --mem-steps (bytes)
-    r, out, cuda = setup(spec, args), {}, args.device.startswith('cuda')
-    if not cuda:
+def peak_memory(spec, args):  # in a fresh process (bytes): the peak of one step, what was resident before it
+    r, cuda = setup(spec, args), args.device.startswith('cuda')
+    if not cuda:  # glibc now unmaps every freed block >= 128 KiB: RSS follows the live tensors, as on a GPU
+        ctypes.CDLL(None).mallopt(-3, 2 ** 17)  # M_MMAP_THRESHOLD
         with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # the peak RSS (VmHWM) restarts here: the step's own, model and optimizer included
+            f.write('5')  # the peak RSS (VmHWM) restarts here: model and optimizer included
+    before = torch.cuda.memory_allocated() if cuda else int(open('/proc/self/statm').read().split()[1]) * getpagesize()
+    train_step(r)
+    return dict(mem_before_step=before, peak_mem_step=torch.cuda.max_memory_allocated() if cuda else
+                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024)
+
+
+def resident_memory(spec, args):  # in a fresh process, the default allocator: does the heap grow over steps?
+    r, out = setup(spec, args), {}
     for step in range(1, args.mem_steps + 1):
         train_step(r)
-        if step == 1:
-            out['peak_mem_step'] = torch.cuda.max_memory_allocated() if cuda else \
-                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
         if step in (20, args.mem_steps):
             out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * getpagesize()
     return out
@@ -184,9 +189,9 @@ def main(argv=None):
                            compile=args.compile, fused=r['args'].fused, block_size=args.block_size,
                            batch_size=args.batch_size, vocab_size=args.vocab_size)
     if args.mem:
-        for r in runs:  # a fresh process each: one's heap does not hide another's
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
-                mem = pool.submit(memory, r['args'].label, args).result()
+        for r, measure in ((r, m) for r in runs for m in (peak_memory, resident_memory)[:1 + (args.mem_steps > 1)]):
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:  # a fresh heap
+                mem = pool.submit(measure, r['args'].label, args).result()
             r['result'].update({k: v / 2 ** 20 for k, v in mem.items()}, mem_unit='MiB')
     if args.train:
         peak = peak_flops(args.device, getattr(torch, args.dtype))

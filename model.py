@@ -125,7 +125,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, causal, mask, cache, layer):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()  # a view would pin all of qkv
         if cache is not None:  # new queries see all cached keys, causal among themselves
             k, v = cache.update(layer, k, v)
             j = torch.arange(k.shape[2], device=x.device)  # key positions 0..cache.len+L-1

@@ -106,10 +106,9 @@ def run_grid(args, extra):
         os.makedirs(d, exist_ok=True)
         t0 = time.perf_counter()
         rc = run_train(train_argv(algo, size, flops, d, extra), os.path.join(d, 'train.out'))
-        if rc != 0 or read_result(d) is None:
+        if rc != 0 or (r := read_result(d)) is None:
             raise SystemExit(f'run {d} failed (exit code {rc}): see {os.path.join(d, "train.out")}; '
                              f'rerun this command to retry it and continue the grid')
-        r = read_result(d)
         print(f'[{i + 1}/{len(pending)}] {algo} {size} C={flops:.3g}: val loss {r["val_loss"]:.4f} '
               f'({r["steps"]} steps, {time.perf_counter() - t0:.0f} s)', flush=True)
 

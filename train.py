@@ -273,8 +273,7 @@ class Trainer:
     def batch(self, split, key, slice_id, n_slices):
         """Rows [slice_id] of a global batch drawn from seed (key): tokens and the
         antithetic uniforms u_i = (u + i) / n over the whole batch (GUIDE §1)."""
-        a, mb = self.args, self.args.micro_batch_size
-        n = mb * n_slices
+        a, mb, n = self.args, self.args.micro_batch_size, self.args.micro_batch_size * n_slices
         g = torch.Generator().manual_seed(seed_for(a.seed, split, key))
         starts = torch.randint(self.n_tokens[split] - a.block_size, (n,), generator=g)
         u = (torch.rand(1, generator=g) + torch.arange(n)) / n
@@ -308,8 +307,7 @@ class Trainer:
             ckpt = load_checkpoint(self.ckpt_path, a.algo)
             differ = [k for k in SAME_RUN if ckpt['args'].get(k) != getattr(a, k)]
             if a.resume == 'auto' and differ:
-                raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): "
-                                 f"use another --out-dir")
+                raise SystemExit(f"{self.ckpt_path} holds another run (differs in {', '.join(differ)}): use another --out-dir")
             self.raw.load_state_dict(ckpt['model'])
             try:
                 self.opt.load_state_dict(ckpt['optimizer'])
@@ -323,8 +321,7 @@ class Trainer:
         elif init := a.init_from or getattr(a, 'distill_from', None):
             ckpt = load_checkpoint(init, a.algo)  # weights only: fresh optimizer and schedule
             if ckpt['config'] != asdict(self.cfg):
-                raise SystemExit(f"{init} has another network ({ckpt['config']}): "
-                                 f"pass its --size and --tokenizer")
+                raise SystemExit(f"{init} has another network ({ckpt['config']}): pass its --size and --tokenizer")
             self.raw.load_state_dict(ckpt['ema'] if ckpt.get('ema') else ckpt['model'])
             if self.ema is not None:
                 self.ema.load_state_dict(self.raw.state_dict())
