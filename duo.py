@@ -176,7 +176,7 @@ def nelbo_per_token(logits, x, z, alpha_t, dalpha_t, K, grad=False):
     C = da / (K * a)
     if not grad:
         return C * (term1 - term2)                       # >= 0 (a' < 0)
-    s = torch.div(e, soft.copy_(e).add_(1), out=soft)    # s_j = sigmoid(v_j), in soft's memory
+    s = torch.div(e, torch.add(e, 1, out=soft), out=soft)  # s_j = sigmoid(v_j) = e_j / (1 + e_j), in soft's memory
     s_z, s_x = torch.sigmoid(v_z), torch.sigmoid(v_x)
     g_z, g_x = (r / a) * s_z * (1 - s_z) - (K * c + r) * s_z, r * s_x
     Q = (c * torch.einsum('nv,nv->n', e, s) - g_z - g_x) / r
