@@ -166,3 +166,24 @@ def test_bench_refuses_bad_flags_in_one_line():
                           (['--size', '7M'], "unknown size '7M'"), (['--mem-steps', '0'], '--mem-steps must be')]:
         with pytest.raises(SystemExit, match=message):
             bench.main(argv)
+
+
+@pytest.mark.parametrize('name', ['ar', 'mdlm', 'esolm', 'duo'])
+def test_fused_step_saves_no_logits(name, monkeypatch):
+    """What the backward keeps: no (rows x vocabulary) tensor beyond one chunk (the plain path saves
+    the logits), and no tensor kept alive only through a view (v of the qkv output pinned all three)."""
+    algo = {'ar': ar, 'mdlm': mdlm, 'esolm': esolm, 'duo': duo}[name]
+    Kv = 500  # padded to 512: no other dimension of the tiny network
+    args = argparse.Namespace(vocab_size=Kv, loss='low_var', time_cond=False, alpha0=1.0, batch_split=1.0,
+                              iw_orders=0, curriculum_steps=0, tau=0.1, gamma_min=None, gamma_max=None, distill_from=None)
+    net = random_dit(algo.vocab_size(Kv)).float()
+    V, x = net.cfg.padded_vocab, torch.randint(0, Kv, (4, 64))
+    for fused in (True, False):
+        args.fused, saved = fused, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            algo.train_loss(net, x, (torch.rand(1) + torch.arange(4)) / 4, args, 0, {})
+        logits = [t for t in saved if t.shape[-1] == V and t.numel() > M.CHUNK * V]
+        assert (not logits) == fused, [t.shape for t in logits]
+    pinned = [t for t in saved if t.numel() > 4 * x.numel()  # per-token tensors (not adaLN's per-sequence views)
+              and t.untyped_storage().nbytes() >= 3 * t.numel() * t.element_size()]
+    assert not pinned, [t.shape for t in pinned]  # a saved view holding a storage 3x its size
