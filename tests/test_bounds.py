@@ -21,14 +21,6 @@ from toy import conditionals, entropy, toy_distribution
 K, L = 3, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def method(name, alpha0, seqs, probs):
     """(module, exact model, args) for a method on the toy."""
     if name == 'mdlm':

@@ -17,14 +17,6 @@ from toy import entropy, toy_distribution, total_variation
 K, L = 3, 3
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():  # tiny tensors: extra threads only contend on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
     """Exact x_theta of the toy under the uniform-state process at alpha = exp(-sigma):
     leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);

@@ -12,15 +12,6 @@ from model import DiT, get_config
 from toy import conditionals, entropy, toy_distribution, total_variation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def oracle(seqs, probs, K):
     """A stand-in network: at every position, log p(x_l | the unmasked tokens of z),
     exact (the Bayes-optimal denoiser), looked up in a table over all (K+1)^L
