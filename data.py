@@ -1,12 +1,13 @@
 """Tokenizers, dataset preparation and batches. Knows no model.
 
-    python data.py shakespeare --tokenizer byte     # 42 shipped works (default); byte: 257 ids, fast on CPU
-    python data.py ~/my_texts/ --text-column text   # a folder, glob or file: .txt, .jsonl or .parquet
-    python data.py openwebtext --max-tokens 1e9     # any Hugging Face dataset (streamed)
+    python data.py shakespeare --tokenizer byte  # 42 shipped works (default), 257 ids: fast on CPU
+    python data.py ~/texts/ --text-column text   # a folder, glob or file: .txt, .jsonl or .parquet
+    python data.py openwebtext --max-tokens 1e9  # any Hugging Face dataset (streamed)
     python data.py openwebtext --tokenizer hf:TinyLlama/TinyLlama_v1.1  # a Hugging Face tokenizer
 
-writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per split, documents
-separated by the end-of-text id, as a uint16 memmap (uint32 if the vocabulary needs it); val: whole documents.
+writes data/<name>-<tokenizer>/{train.bin, val.bin, meta.json}: one token stream per split,
+documents separated by the end-of-text id, as a uint16 memmap (uint32 if the vocabulary needs
+it); val: whole documents.
 """
 import argparse
 import base64
@@ -30,10 +31,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, 'data')
-ASSETS = os.path.join(HERE, 'assets')  # shipped: GPT-2's BPE ranks and the 42 works (assets/README.md)
+ASSETS = os.path.join(HERE, 'assets')  # shipped: GPT-2's BPE ranks and the 42 works (its README.md)
 SHAKESPEARE = os.path.join(ASSETS, 'shakespeare.tar.xz')
 EXTENSIONS = ('.txt', '.jsonl', '.json', '.parquet')
-EOS = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')  # a Hugging Face tokenizer's document separator
+EOS = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')  # an HF tokenizer's document separator
 
 
 # ---- tokenizers ------------------------------------------------------------
@@ -49,9 +50,10 @@ class Tokenizer:
 
 @functools.cache
 def get_tokenizer(name):
-    """'byte' (256 bytes + end-of-text), 'gpt2' (r50k_base, shipped), any tiktoken encoding, or hf:NAME."""
+    """byte (256 bytes + end-of-text), gpt2 (r50k_base, shipped), a tiktoken encoding or hf:NAME."""
     if name == 'byte':
-        decode = lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')  # noqa: E731
+        def decode(ids):
+            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
         return Tokenizer('byte', lambda s: list(s.encode('utf-8')), decode, 257, 256)
     if name.startswith('hf:'):
         return hf_tokenizer(name)
@@ -59,10 +61,12 @@ def get_tokenizer(name):
     try:
         enc = gpt2_encoding() if name in ('gpt2', 'r50k_base') else tiktoken.get_encoding(name)
     except ValueError:
-        raise SystemExit(f"unknown tokenizer '{name}': use byte, gpt2, hf:NAME or a tiktoken encoding name")
+        raise SystemExit(f"unknown tokenizer '{name}': "
+                         "use byte, gpt2, hf:NAME or a tiktoken encoding name")
     except Exception as e:
-        raise SystemExit(f"cannot load the BPE file of '{name}' ({type(e).__name__}): connect to the "
-                         f"internet once, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached file")
+        raise SystemExit(f"cannot load the BPE file of '{name}' ({type(e).__name__}): "
+                         "connect to the internet once, or set TIKTOKEN_CACHE_DIR "
+                         "to a folder holding tiktoken's cached file")
     return Tokenizer(name, enc.encode_ordinary, enc.decode, enc.n_vocab, enc.eot_token)
 
 
@@ -72,26 +76,30 @@ def gpt2_encoding():
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     with lzma.open(os.path.join(ASSETS, 'gpt2.tiktoken.xz')) as f:
         ranks = {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, f)}
-    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256})
+    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256})
 
 
 def hf_tokenizer(name):
-    """hf:PATH (a tokenizer.json, or a folder holding one) or hf:NAME (from the Hub); its eos separates documents."""
+    """hf:PATH (a tokenizer.json or a folder with one) or hf:NAME (Hub); eos separates documents."""
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
-        raise SystemExit(f'--tokenizer {name} needs the tokenizers package: pip install tokenizers') from None
+        raise SystemExit(f'--tokenizer {name} needs the tokenizers package: '
+                         'pip install tokenizers') from None
     path = os.path.expanduser(name[3:])
     path = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
     try:
-        hf = HFTokenizer.from_file(path) if os.path.isfile(path) else HFTokenizer.from_pretrained(name[3:])
+        hf = (HFTokenizer.from_file(path) if os.path.isfile(path)
+              else HFTokenizer.from_pretrained(name[3:]))
     except Exception as e:
-        raise SystemExit(f"cannot load tokenizer '{name[3:]}' ({type(e).__name__}): pass a Hub name, "
-                         f"a tokenizer.json or a folder holding one") from None
+        raise SystemExit(f"cannot load tokenizer '{name[3:]}' ({type(e).__name__}): "
+                         "pass a Hub name, a tokenizer.json or a folder holding one") from None
     eot = [i for i in map(hf.token_to_id, EOS) if i is not None]
     if not eot:
         raise SystemExit(f"tokenizer '{name[3:]}' has no end-of-text token ({', '.join(EOS)})")
-    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode, hf.get_vocab_size(), eot[0])
+    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode,
+                     hf.get_vocab_size(), eot[0])
 
 
 def token_dtype(vocab_size):
@@ -106,10 +114,12 @@ def source_files(name):
         return [SHAKESPEARE]
     spec = os.path.expanduser(name)
     pattern = os.path.join(spec, '**', '*') if os.path.isdir(spec) else spec
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f) and f.endswith(EXTENSIONS))
+    found = glob.glob(pattern, recursive=True)
+    files = sorted(f for f in found if os.path.isfile(f) and f.endswith(EXTENSIONS))
     if not files and (os.path.exists(spec) or any(c in name for c in '*?[') or
                       name.startswith(('/', './', '../', '~')) or name.endswith(EXTENSIONS)):
-        raise SystemExit(f"no .txt/.jsonl/.json/.parquet files at '{name}' (Hub datasets are named like owner/name)")
+        raise SystemExit(f"no .txt/.jsonl/.json/.parquet files at '{name}' "
+                         "(Hub datasets are named like owner/name)")
     return files
 
 
@@ -122,7 +132,7 @@ def utf8(raw, where):
 
 
 def documents(name, args):
-    """Yield a dataset's documents: one per .txt file (or shipped work), .jsonl/.parquet row or Hub row."""
+    """A dataset's documents: one per .txt file or shipped work, .jsonl/.parquet row or Hub row."""
     if name == 'shakespeare':
         with tarfile.open(SHAKESPEARE) as tar:
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
@@ -134,7 +144,8 @@ def documents(name, args):
             yield utf8(fh.read(), f)
     tables = [f for f in files if not f.endswith('.txt')]
     if tables:
-        yield from hub_documents('parquet' if tables[0].endswith('.parquet') else 'json', args, data_files=tables)
+        kind = 'parquet' if tables[0].endswith('.parquet') else 'json'
+        yield from hub_documents(kind, args, data_files=tables)
     elif not files:
         yield from hub_documents(name, args)
 
@@ -149,8 +160,9 @@ def hub_documents(path, args, **kw):
                                  f"{', '.join(row)}): pass --text-column")
             yield row[args.text_column]
     except Exception as e:  # not SystemExit
-        raise SystemExit(f"cannot load dataset '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                         f"check the name, or pass a local folder/file") from None
+        raise SystemExit(f"cannot load dataset '{path}' "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                         "check the name, or pass a local folder/file") from None
 
 
 # ---- preparation -----------------------------------------------------------
@@ -160,12 +172,13 @@ def slug(name):
     path = os.path.expanduser(name.removeprefix('hf:'))
     if os.path.exists(path) or any(c in path for c in '*?['):
         digest = hashlib.blake2b(os.path.abspath(path).encode(), digest_size=4).hexdigest()
-        name = ('hf_' if name.startswith('hf:') else '') + f'{os.path.basename(os.path.normpath(path))}-{digest}'
+        base = os.path.basename(os.path.normpath(path))
+        name = ('hf_' if name.startswith('hf:') else '') + f'{base}-{digest}'
     return re.sub(r'[^A-Za-z0-9._-]+', '_', name)
 
 
 def dataset_dir(name, tokenizer):
-    """data/<dataset>-<tokenizer>/ (two sources never share one), or `name` itself if it is a prepared folder."""
+    """data/<dataset>-<tokenizer>/ (two sources never share one), or `name` if a prepared folder."""
     if os.path.isfile(os.path.join(os.path.expanduser(name), 'meta.json')):
         return os.path.expanduser(name)
     return os.path.join(DATA_DIR, f'{slug(name)}-{slug(tokenizer)}')
@@ -177,15 +190,16 @@ def in_val(index, seed, val_frac):
     return int.from_bytes(h, 'little') / 2 ** 64 < val_frac
 
 
-def temp_file(out, what, mode='wb'):  # unique per call; the pid in its name tells sweep() whose it is
-    return tempfile.NamedTemporaryFile(mode, dir=out, prefix=f'.{what}.{os.getpid()}.', suffix='.tmp', delete=False)
+def temp_file(out, what, mode='wb'):  # unique per call; its name's pid tells sweep() whose it is
+    prefix = f'.{what}.{os.getpid()}.'
+    return tempfile.NamedTemporaryFile(mode, dir=out, prefix=prefix, suffix='.tmp', delete=False)
 
 
 def sweep():
-    """Remove what killed preparations left: dead processes' temp files, folders empty after a minute."""
+    """Remove what killed preparations left: dead processes' temp files, folders empty for 60 s."""
     for f in glob.glob(os.path.join(DATA_DIR, '*', '.*.tmp')):
         try:
-            os.kill(int(os.path.basename(f).split('.')[2]), 0)  # signal 0: does that process exist?
+            os.kill(int(os.path.basename(f).split('.')[2]), 0)  # signal 0: is that process alive?
         except PermissionError:  # yes, another user's
             pass
         except (ProcessLookupError, ValueError, OverflowError):  # no (or no pid in the name)
@@ -197,22 +211,27 @@ def sweep():
                 os.rmdir(d)
 
 
-def _encode(tokenizer_and_text):  # in a worker process (get_tokenizer caches)
+def _encode(tokenizer_and_text):  # in a worker process, or this one (get_tokenizer caches)
     return get_tokenizer(tokenizer_and_text[0]).encode(tokenizer_and_text[1])
 
 
 def prepare(name, tokenizer='gpt2', force=False, **kw):
-    """Tokenise once into dataset_dir() (again if its files changed, or with force); two at once both work."""
-    args = argparse.Namespace(**{**vars(get_parser().parse_args([name])), **kw, 'tokenizer': tokenizer})
+    """Tokenise once into dataset_dir() (again if its files changed, or force); two at once work."""
+    defaults = vars(get_parser().parse_args([name]))
+    args = argparse.Namespace(**{**defaults, **kw, 'tokenizer': tokenizer})
     out = dataset_dir(name, tokenizer)
     meta = load_meta(out) if os.path.exists(os.path.join(out, 'meta.json')) else None
     if meta and meta['tokenizer'] != tokenizer:
-        raise SystemExit(f"'{name}' holds tokens of --tokenizer {meta['tokenizer']}, not {tokenizer}: pass its "
-                         f"source '{meta['source']}' instead, to prepare it with {tokenizer}")
+        raise SystemExit(f"'{name}' holds tokens of --tokenizer {meta['tokenizer']}, "
+                         f"not {tokenizer}: pass its source '{meta['source']}' instead, "
+                         f"to prepare it with {tokenizer}")
     files = source_files(name)
-    source_hash = hashlib.blake2b(repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]).encode(),
-                                  digest_size=8).hexdigest() if files else None  # None: a Hub dataset
-    if meta and (out == os.path.expanduser(name) or meta.get('source_hash') == source_hash and not force):
+    source_hash = None  # a Hub dataset
+    if files:
+        stats = repr([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+        source_hash = hashlib.blake2b(stats.encode(), digest_size=8).hexdigest()
+    if meta and (out == os.path.expanduser(name)
+                 or meta.get('source_hash') == source_hash and not force):
         return out  # already prepared: a no-op
     if meta and not force:
         print(f'{name}: its files changed since it was prepared: preparing it again')
@@ -229,22 +248,25 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         counts[f'{split}_tokens'] += len(ids) + 1
         counts[f'{split}_docs'] += 1
     pool = Pool(args.num_proc) if args.num_proc > 1 else None
-    encoded = pool.imap(_encode, ((tokenizer, d) for d in documents(name, args)), chunksize=16) if pool else \
-        (tok.encode(d) for d in documents(name, args))
+    pairs = ((tokenizer, d) for d in documents(name, args))
+    encoded = pool.imap(_encode, pairs, chunksize=16) if pool else map(_encode, pairs)
     held = None  # the last document is written only once we know another follows (val never empty)
     try:
-        for i, ids in enumerate(tqdm(encoded, desc=f'tokenising {name}', unit=' docs', disable=None)):
+        progress = tqdm(encoded, desc=f'tokenising {name}', unit=' docs', disable=None)
+        for i, ids in enumerate(progress):
             if held is not None:
                 write(*held)
             held = ('val' if in_val(i, args.seed, args.val_frac) else 'train', ids)
-            if (args.max_docs and i + 1 >= args.max_docs or
-                    args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens):
+            tokens = counts['train_tokens'] + counts['val_tokens']
+            if (args.max_docs and i + 1 >= args.max_docs
+                    or args.max_tokens and tokens >= args.max_tokens):
                 break
         if held is None:
             raise SystemExit(f"dataset '{name}' has no documents")
         write('val' if counts['val_docs'] == 0 else held[0], held[1])
         if counts['train_docs'] == 0:
-            raise SystemExit(f"dataset '{name}' has a single document: the split needs at least two")
+            raise SystemExit(f"dataset '{name}' has a single document: "
+                             "the split needs at least two")
     except BaseException:
         for f in tmp.values():  # leave nothing half-written behind, nor an empty folder
             f.close()
@@ -257,13 +279,15 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
             pool.terminate()
         for f in tmp.values():
             f.close()
-    meta = dict(tokenizer=tokenizer, vocab_size=tok.vocab_size, eot=tok.eot, dtype=np.dtype(dtype).name,
-                source=name, seed=args.seed, val_frac=args.val_frac, source_hash=source_hash, **counts)
+    meta = dict(tokenizer=tokenizer, vocab_size=tok.vocab_size, eot=tok.eot,
+                dtype=np.dtype(dtype).name, source=name, seed=args.seed, val_frac=args.val_frac,
+                source_hash=source_hash, **counts)
     with temp_file(out, 'meta', 'w') as f:
         json.dump(meta, f, indent=1)
     for what, f in {**tmp, 'meta': f}.items():  # meta.json last: it marks the folder complete
         os.chmod(f.name, 0o644)
-        os.replace(f.name, os.path.join(out, 'meta.json' if what == 'meta' else f'{what}.bin'))  # atomic
+        final = 'meta.json' if what == 'meta' else f'{what}.bin'
+        os.replace(f.name, os.path.join(out, final))  # atomic
     return out
 
 
@@ -275,28 +299,33 @@ def load_meta(data_dir):
 # ---- batches ---------------------------------------------------------------
 
 def get_batch(data_dir, split, starts, block_size, device, dtype):
-    """Windows of block_size tokens from `starts` (a LongTensor) as (B, L) int64; dtype: meta.json's."""
+    """Windows of block_size tokens at `starts` (a LongTensor), (B, L) int64; dtype: meta.json's."""
     # a fresh memmap per batch avoids numpy's memmap leak (as nanoGPT does)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=dtype, mode='r')
-    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts.tolist()]).astype(np.int64))
+    windows = np.stack([data[s:s + block_size] for s in starts.tolist()])
+    x = torch.from_numpy(windows.astype(np.int64))
     cuda = torch.device(device).type == 'cuda'  # then pinned memory, copied asynchronously
     return (x.pin_memory() if cuda else x).to(device, non_blocking=cuda)
 
 
 def num_tokens(data_dir, split):
-    meta = load_meta(data_dir)
-    return os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
+    itemsize = np.dtype(load_meta(data_dir)['dtype']).itemsize
+    return os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // itemsize
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('dataset', help="'shakespeare', a local folder/glob/file, or a Hugging Face dataset name")
-    p.add_argument('--tokenizer', default='gpt2', help='gpt2 | byte | hf:NAME_OR_PATH | a tiktoken encoding name')
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('dataset', help="'shakespeare', a local folder/glob/file, or a Hub dataset name")
+    p.add_argument('--tokenizer', default='gpt2',
+                   help='gpt2 | byte | hf:NAME_OR_PATH | a tiktoken encoding name')
     p.add_argument('--config', default=None, help='Hub dataset configuration (e.g. sample-10BT)')
     p.add_argument('--split', default='train', help='Hub split to read')
     p.add_argument('--text-column', default='text')
-    p.add_argument('--max-docs', type=int, default=0, help='stop after this many documents (0 = all)')
-    p.add_argument('--max-tokens', type=float, default=0, help='stop after about this many tokens (0 = all)')
+    p.add_argument('--max-docs', type=int, default=0,
+                   help='stop after this many documents (0 = all)')
+    p.add_argument('--max-tokens', type=float, default=0,
+                   help='stop after about this many tokens (0 = all)')
     p.add_argument('--val-frac', type=float, default=0.05, help='fraction of documents held out')
     p.add_argument('--seed', type=int, default=1337, help='seed of the document-level split')
     p.add_argument('--num-proc', type=int, default=max(1, min(8, (os.cpu_count() or 1) - 1)))

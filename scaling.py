@@ -1,13 +1,14 @@
 """Iso-FLOP scaling laws: which model size is compute-optimal, for each method.
 
     python scaling.py --algos ar,mdlm,duo,esolm --sizes 6M,19M,34M --flops 1e18,3e18,1e19
-    python scaling.py ... --print-commands      # one train.py command per pending run, for a cluster
-    python scaling.py ... --tokenizer byte --block-size 64 --batch-size 8   # unknown flags go to train.py
+    python scaling.py ... --print-commands  # one train.py command per pending run, for a cluster
+    python scaling.py ... --tokenizer byte --block-size 64  # unknown flags go to train.py
 
-Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at every budget C each size N
-trains with train.py --flops C (so D = C / 6N tokens) in OUT_DIR/<algo>-<size>-<C>/; a parabola of the
-final validation loss in log N has its vertex at (N*(C), L*(C)), and across budgets N* = k C^a, L* = c C^b.
-Rerunning resumes (finished runs are skipped). Writes runs.csv, optima.csv, scaling.md, scaling.png.
+Chinchilla's "approach 2", as the seed uses it (README, "Scaling laws"): at every budget C each
+size N trains with train.py --flops C (so D = C / 6N tokens) in OUT_DIR/<algo>-<size>-<C>/; a
+parabola of the final validation loss in log N has its vertex at (N*(C), L*(C)), and across
+budgets N* = k C^a, L* = c C^b. Rerunning resumes (finished runs are skipped). Writes runs.csv,
+optima.csv, scaling.md, scaling.png.
 """
 import argparse
 import csv
@@ -28,14 +29,20 @@ from model import DiT, Config, flops_per_token
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # --size must not pass for --sizes: it belongs to train.py
+    # allow_abbrev=False: --size must not pass for --sizes, it belongs to train.py
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument('--algos', default='ar,mdlm,duo,esolm', help='comma-separated methods')
-    p.add_argument('--sizes', required=True, help='comma-separated model sizes (model.SIZES), at least 3')
-    p.add_argument('--flops', required=True, help='comma-separated training FLOPs budgets, e.g. 1e18,3e18')
+    p.add_argument('--sizes', required=True,
+                   help='comma-separated model sizes (model.SIZES), at least 3')
+    p.add_argument('--flops', required=True,
+                   help='comma-separated training FLOPs budgets, e.g. 1e18,3e18')
     p.add_argument('--out-dir', default=os.path.join('out', 'scaling'))
-    p.add_argument('--print-commands', action='store_true', help='print the train.py command of every pending run and exit')
-    p.add_argument('--fit-only', action='store_true', help='run nothing: fit and plot the runs that are done')
+    p.add_argument('--print-commands', action='store_true',
+                   help='print the train.py command of every pending run and exit')
+    p.add_argument('--fit-only', action='store_true',
+                   help='run nothing: fit and plot the runs that are done')
     p.add_argument('--no-plot', action='store_true', help='skip the figure')
     return p
 
@@ -44,7 +51,8 @@ def parse_list(text, kind, flag):
     try:
         items = [kind(s) for s in text.split(',') if s.strip()]
     except ValueError:
-        raise SystemExit(f"{flag}: cannot read '{text}': give a comma-separated list, e.g. {flag} 1e18,3e18") from None
+        raise SystemExit(f"{flag}: cannot read '{text}': "
+                         f"give a comma-separated list, e.g. {flag} 1e18,3e18") from None
     if not items:
         raise SystemExit(f'{flag} is empty: give a comma-separated list')
     return items
@@ -60,29 +68,45 @@ def run_dir(out_dir, algo, size, flops):
 
 
 def train_argv(algo, size, flops, out_dir, extra):
-    return ['--algo', algo, '--size', size, '--flops', budget_str(flops), '--out-dir', out_dir, '--resume', 'auto', *extra]
+    return ['--algo', algo, '--size', size, '--flops', budget_str(flops), '--out-dir', out_dir,
+            '--resume', 'auto', *extra]
 
 
 # ---- running the grid and collecting its results ---------------------------
 
 def read_result(path):
-    """The finished run in `path` as a row of runs.csv; None before its last step's validation loss."""
-    ckpt_path, log_path = os.path.join(path, 'ckpt.pt'), os.path.join(path, 'log.jsonl')
+    """The finished run in `path` as a row of runs.csv;
+    None before its last step's validation loss."""
+    ckpt_path = os.path.join(path, 'ckpt.pt')
+    log_path = os.path.join(path, 'log.jsonl')
     if not (os.path.exists(ckpt_path) and os.path.exists(log_path)):
         return None
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    a, step = ckpt['args'], ckpt['step']
+    a = ckpt['args']
+    step = ckpt['step']
     with open(log_path) as f:
-        val = [r['val_loss'] for r in map(json.loads, f) if r.get('step') == step and 'val_loss' in r]
+        val = [r['val_loss'] for r in map(json.loads, f)
+               if r.get('step') == step and 'val_loss' in r]
     if step < a['max_iters'] or not val:
         return None
     cfg = Config(**ckpt['config'])
-    fpt, tokens = flops_per_token(cfg, a['block_size']), step * a['batch_size'] * a['block_size']
+    fpt = flops_per_token(cfg, a['block_size'])
+    tokens = step * a['batch_size'] * a['block_size']
     with torch.device('meta'):
         net = DiT(cfg)
-    return dict(algo=ckpt['algo'], size=a['size'], flops_budget=a['flops'], params=fpt / 2,
-                params_total=net.num_params(), params_non_embedding=net.num_params(embeddings=False),
-                tokens=tokens, steps=step, flops_used=3 * fpt * tokens, val_loss=val[-1], run_dir=path)
+    return dict(
+        algo=ckpt['algo'],
+        size=a['size'],
+        flops_budget=a['flops'],
+        params=fpt / 2,
+        params_total=net.num_params(),
+        params_non_embedding=net.num_params(embeddings=False),
+        tokens=tokens,
+        steps=step,
+        flops_used=3 * fpt * tokens,
+        val_loss=val[-1],
+        run_dir=path,
+    )
 
 
 def run_train(argv, log_file):
@@ -98,17 +122,20 @@ def run_grid(args, extra):
     pending = [g for g in grid if read_result(run_dir(args.out_dir, *g)) is None]
     if args.print_commands:
         for g in pending:
-            print(shlex.join(['python', 'train.py', *train_argv(*g, run_dir(args.out_dir, *g), extra)]))
+            argv = train_argv(*g, run_dir(args.out_dir, *g), extra)
+            print(shlex.join(['python', 'train.py', *argv]))
         return
-    print(f'{len(grid) - len(pending)} of {len(grid)} runs done; running {len(pending)}', flush=True)
+    done = len(grid) - len(pending)
+    print(f'{done} of {len(grid)} runs done; running {len(pending)}', flush=True)
     for i, (algo, size, flops) in enumerate(pending):
         d = run_dir(args.out_dir, algo, size, flops)
         os.makedirs(d, exist_ok=True)
         t0 = time.perf_counter()
         rc = run_train(train_argv(algo, size, flops, d, extra), os.path.join(d, 'train.out'))
         if rc != 0 or (r := read_result(d)) is None:
-            raise SystemExit(f'run {d} failed (exit code {rc}): see {os.path.join(d, "train.out")}; '
-                             f'rerun this command to retry it and continue the grid')
+            raise SystemExit(f'run {d} failed (exit code {rc}): '
+                             f'see {os.path.join(d, "train.out")}; '
+                             'rerun this command to retry it and continue the grid')
         print(f'[{i + 1}/{len(pending)}] {algo} {size} C={flops:.3g}: val loss {r["val_loss"]:.4f} '
               f'({r["steps"]} steps, {time.perf_counter() - t0:.0f} s)', flush=True)
 
@@ -152,14 +179,21 @@ def fit(rows):
             if vertex is None:
                 continue
             n_opt = math.exp(vertex[0])
-            optima.append(dict(algo=algo, flops=c, n_opt=n_opt, d_opt=c / (6 * n_opt), l_opt=vertex[1],
-                               inside=bool(log_n.min() <= vertex[0] <= log_n.max()),
-                               below=bool(vertex[0] < log_n.min())))
+            optima.append(dict(
+                algo=algo,
+                flops=c,
+                n_opt=n_opt,
+                d_opt=c / (6 * n_opt),
+                l_opt=vertex[1],
+                inside=bool(log_n.min() <= vertex[0] <= log_n.max()),
+                below=bool(vertex[0] < log_n.min()),
+            ))
         bracketed = [o for o in optima if o['inside']]
         laws = None
         if len(bracketed) >= 2:
             cs = [o['flops'] for o in bracketed]
-            (a, k), (b, c0) = (fit_power_law(cs, [o[key] for o in bracketed]) for key in ('n_opt', 'l_opt'))
+            a, k = fit_power_law(cs, [o['n_opt'] for o in bracketed])
+            b, c0 = fit_power_law(cs, [o['l_opt'] for o in bracketed])
             laws = dict(a=a, k=k, b=b, c=c0)
         out[algo] = dict(optima=optima, laws=laws, fitted=len(bracketed))
     return out
@@ -167,8 +201,10 @@ def fit(rows):
 
 def table(fits, rows):
     """The results as markdown: optima per budget, then the power laws."""
-    lines = ['| method | budget C | N* (params) | D* (tokens) | L* (val loss) | best run (size: loss) |',
-             '|---|---|---|---|---|---|']
+    lines = [
+        '| method | budget C | N* (params) | D* (tokens) | L* (val loss) | best run (size: loss) |',
+        '|---|---|---|---|---|---|',
+    ]
     for algo, f in fits.items():
         bound = '' if algo == 'ar' else '<= '
         for c in sorted({r['flops_budget'] for r in rows if r['algo'] == algo}):
@@ -181,20 +217,27 @@ def table(fits, rows):
                 cells = [('below' if o['below'] else 'above') + ' the sizes tried', '', '']
             else:
                 cells = [f"{o['n_opt']:.3g}", f"{o['d_opt']:.3g}", f"{bound}{o['l_opt']:.4f}"]
-            lines.append(f"| {algo} | {c:.3g} | {' | '.join(cells)} | {best['size']}: {bound}{best['val_loss']:.4f} |")
+            best_cell = f"{best['size']}: {bound}{best['val_loss']:.4f}"
+            lines.append(f"| {algo} | {c:.3g} | {' | '.join(cells)} | {best_cell} |")
     lines += ['', '| method | N* = k C^a | L* = c C^b | budgets fitted |', '|---|---|---|---|']
     for algo, f in fits.items():
         law = f['laws']
-        cells = ['needs optima inside the sizes at 2 budgets', ''] if law is None else \
-            [f"a = {law['a']:.3f} (k = {law['k']:.3g})", f"b = {law['b']:.4f} (c = {law['c']:.3g})"]
+        if law is None:
+            cells = ['needs optima inside the sizes at 2 budgets', '']
+        else:
+            cells = [f"a = {law['a']:.3f} (k = {law['k']:.3g})",
+                     f"b = {law['b']:.4f} (c = {law['c']:.3g})"]
         lines.append(f"| {algo} | {' | '.join(cells)} | {f['fitted']} |")
-    lines += ['', 'N: forward FLOPs per token / 2, so C = 6 N D. AR: exact NLL; the others: NELBO bounds (<=). '
-              'N*, L*: the vertex of the parabola in log N, kept only within the sizes trained at that budget.']
+    lines += ['', 'N: forward FLOPs per token / 2, so C = 6 N D. '
+              'AR: exact NLL; the others: NELBO bounds (<=). '
+              'N*, L*: the vertex of the parabola in log N, '
+              'kept only within the sizes trained at that budget.']
     return '\n'.join(lines)
 
 
 def plot(fits, rows, path):
-    """Iso-FLOP curves and parabolas per method, and every method's N*(C), L*(C); None without matplotlib."""
+    """Iso-FLOP curves and parabolas per method, and every method's N*(C), L*(C);
+    None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -204,7 +247,8 @@ def plot(fits, rows, path):
         print('scaling.py: no figure: matplotlib is not installed (pip install matplotlib); '
               'the tables and CSV files are written', file=sys.stderr)
         return None
-    algos, budgets = list(fits), sorted({r['flops_budget'] for r in rows})
+    algos = list(fits)
+    budgets = sorted({r['flops_budget'] for r in rows})
     n_rows = math.ceil((len(algos) + 2) / 3)
     fig, axes = plt.subplots(n_rows, 3, figsize=(13, 3.8 * n_rows), squeeze=False)
     axes = list(axes.flat)
@@ -212,28 +256,38 @@ def plot(fits, rows, path):
         ax.axis('off')
     for ax, algo in zip(axes, algos):
         for c, color in zip(budgets, plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))):
-            runs = sorted((r for r in rows if r['algo'] == algo and r['flops_budget'] == c), key=lambda r: r['params'])
-            n, loss = np.array([r['params'] for r in runs]), [r['val_loss'] for r in runs]
+            runs = sorted((r for r in rows if r['algo'] == algo and r['flops_budget'] == c),
+                          key=lambda r: r['params'])
+            n = np.array([r['params'] for r in runs])
+            loss = [r['val_loss'] for r in runs]
             if len(n):
                 ax.plot(n, loss, 'o', color=color, label=f'C={c:.2g}')
             if len(n) >= 3:
                 x = np.linspace(np.log(n).min() - 0.3, np.log(n).max() + 0.3, 100)
-                ax.plot(np.exp(x), np.polyval(np.polyfit(np.log(n), loss, 2), x), '-', color=color, lw=1)
+                parabola = np.polyval(np.polyfit(np.log(n), loss, 2), x)
+                ax.plot(np.exp(x), parabola, '-', color=color, lw=1)
             for o in (o for o in fits[algo]['optima'] if o['flops'] == c and o['inside']):
                 ax.plot(o['n_opt'], o['l_opt'], '*', color=color, ms=12, mec='k')
-        ax.set(xscale='log', xlabel='parameters N', ylabel='val loss' + ('' if algo == 'ar' else ' (NELBO bound)'),
-               title=f'{algo}: iso-FLOP curves')
+        ylabel = 'val loss'
+        if algo != 'ar':
+            ylabel += ' (NELBO bound)'
+        ax.set(xscale='log', xlabel='parameters N', ylabel=ylabel, title=f'{algo}: iso-FLOP curves')
         ax.legend(fontsize=7)
     for algo in algos:  # the frontier: one color per method in both panels
-        opt, law = [o for o in fits[algo]['optima'] if o['inside']], fits[algo]['laws']
+        opt = [o for o in fits[algo]['optima'] if o['inside']]
+        law = fits[algo]['laws']
         cs = np.array([o['flops'] for o in opt])
         for ax, key, e, k in ((axes[-2], 'n_opt', 'a', 'k'), (axes[-1], 'l_opt', 'b', 'c')):
             if opt:
-                line, = ax.plot(cs, [o[key] for o in opt], 'o', label=algo + (f', {e}={law[e]:.3g}' if law else ''))
+                label = algo
+                if law:
+                    label += f', {e}={law[e]:.3g}'
+                line, = ax.plot(cs, [o[key] for o in opt], 'o', label=label)
             if opt and law:
                 ax.plot(cs, law[k] * cs ** law[e], '-', color=line.get_color())
     for ax, y, what in ((axes[-2], 'N*(C)', 'size'), (axes[-1], 'L*(C)', 'loss')):
-        ax.set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel=y, title=f'compute-optimal {what}')
+        ax.set(xscale='log', yscale='log', xlabel='FLOPs C', ylabel=y,
+               title=f'compute-optimal {what}')
         ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: budgets' minor labels collide
         ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g'))
         ax.yaxis.set_minor_formatter(FormatStrFormatter('%.3g'))
@@ -249,21 +303,26 @@ def main(argv=None):
     for flag, kind in (('algos', str), ('sizes', str), ('flops', float)):
         setattr(args, flag, parse_list(getattr(args, flag), kind, f'--{flag}'))
     if len(set(args.sizes)) < 3:
-        raise SystemExit(f'--sizes: give at least 3 sizes (a parabola needs them), got {len(set(args.sizes))}')
+        raise SystemExit('--sizes: give at least 3 sizes (a parabola needs them), '
+                         f'got {len(set(args.sizes))}')
     if not all(c > 0 for c in args.flops):
         raise SystemExit(f'--flops: budgets must be > 0, got {args.flops}')
     if any(e.split('=')[0] in ('--algo', '--size', '--max-iters') for e in extra):
-        raise SystemExit('scaling.py sets --algo, --size and the steps of each run: pass --algos, --sizes and --flops')
-    for algo, size in [(a, s) for a in args.algos for s in args.sizes]:  # train.py's checks, before any run
-        train.parse_args(train_argv(algo, size, args.flops[0], args.out_dir, extra))
+        raise SystemExit('scaling.py sets --algo, --size and the steps of each run: '
+                         'pass --algos, --sizes and --flops')
+    for algo in args.algos:  # train.py's checks, before any run
+        for size in args.sizes:
+            train.parse_args(train_argv(algo, size, args.flops[0], args.out_dir, extra))
     if not args.fit_only:
         run_grid(args, extra)
         if args.print_commands:
             return None
-    found = (read_result(run_dir(args.out_dir, a, s, c)) for c in args.flops for a in args.algos for s in args.sizes)
+    grid = [(a, s, c) for c in args.flops for a in args.algos for s in args.sizes]
+    found = (read_result(run_dir(args.out_dir, *g)) for g in grid)
     rows = [r for r in found if r is not None]
     if not rows:
-        raise SystemExit(f'no finished runs in {args.out_dir}: run the grid first (without --fit-only)')
+        raise SystemExit(f'no finished runs in {args.out_dir}: '
+                         'run the grid first (without --fit-only)')
     os.makedirs(args.out_dir, exist_ok=True)
     fits = fit(rows)
     write_csv(os.path.join(args.out_dir, 'runs.csv'), rows)
@@ -274,8 +333,13 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, 'scaling.md'), 'w') as f:
         f.write(text + '\n')
     print(text)
-    figure = None if args.no_plot else plot(fits, rows, os.path.join(args.out_dir, 'scaling.png'))
-    print(f"wrote {os.path.join(args.out_dir, 'runs.csv')}, scaling.md" + (f', {figure}' if figure else ''))
+    figure = None
+    if not args.no_plot:
+        figure = plot(fits, rows, os.path.join(args.out_dir, 'scaling.png'))
+    wrote = f"wrote {os.path.join(args.out_dir, 'runs.csv')}, scaling.md"
+    if figure:
+        wrote += f', {figure}'
+    print(wrote)
     return fits
 
 

@@ -46,15 +46,26 @@ def test_a_fresh_copy_runs_with_no_network_and_nothing_beside_it(tmp_path):
         if f.endswith('.py'):
             shutil.copy(os.path.join(ROOT, f), repo)
     (tmp_path / 'tmp').mkdir()  # an empty temp dir: no tiktoken cache from earlier runs
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('TIKTOKEN', 'DATA_GYM', 'HF_', 'PYTHONPATH'))}
-    env.update(TMPDIR=str(tmp_path / 'tmp'), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', NO_PROXY='',
-               HTTP_PROXY='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9', OMP_NUM_THREADS='1')
-    script = ("import json, data; tok = data.get_tokenizer('gpt2'); print(tok.encode('Hello world')); "
+    dropped = ('TIKTOKEN', 'DATA_GYM', 'HF_', 'PYTHONPATH')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update(
+        TMPDIR=str(tmp_path / 'tmp'),
+        HF_HUB_OFFLINE='1',
+        HF_DATASETS_OFFLINE='1',
+        NO_PROXY='',
+        HTTP_PROXY='http://127.0.0.1:9',
+        HTTPS_PROXY='http://127.0.0.1:9',
+        OMP_NUM_THREADS='1',
+    )
+    script = ("import json, data; tok = data.get_tokenizer('gpt2'); "
+              "print(tok.encode('Hello world')); "
               "print(json.dumps(data.load_meta(data.prepare('shakespeare', 'byte', num_proc=1))))")
-    p = subprocess.run([sys.executable, '-c', script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, '-c', script], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     ids, meta = p.stdout.strip().splitlines()[-2:]
     assert ids == '[15496, 995]'
     meta = json.loads(meta)
     assert meta['train_docs'] + meta['val_docs'] == 42
-    assert meta['train_tokens'] + meta['val_tokens'] == 5057198 + 42  # the 42 files' bytes + one end-of-text each
+    # the 42 files' bytes + one end-of-text each
+    assert meta['train_tokens'] + meta['val_tokens'] == 5057198 + 42

@@ -79,7 +79,8 @@ def test_a_failure_leaves_no_partial_files(tmp_data, monkeypatch):
     monkeypatch.setattr(data, 'documents', broken)
     with pytest.raises(RuntimeError):
         data.prepare(src, 'byte', num_proc=1)
-    assert not os.path.exists(data.dataset_dir(src, 'byte'))  # no half-written files, no empty folder
+    # no half-written files, no empty folder
+    assert not os.path.exists(data.dataset_dir(src, 'byte'))
 
 
 def test_jsonl_and_parquet_sources(tmp_path, monkeypatch):
@@ -91,7 +92,8 @@ def test_jsonl_and_parquet_sources(tmp_path, monkeypatch):
     assert meta['train_docs'] + meta['val_docs'] == 12
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist([{'content': r['text']} for r in rows]), tmp_path / 'corpus.parquet')
+    table = pa.Table.from_pylist([{'content': r['text']} for r in rows])
+    pq.write_table(table, tmp_path / 'corpus.parquet')
     meta = data.load_meta(data.prepare(str(tmp_path / 'corpus.parquet'), 'byte', num_proc=1,
                                        text_column='content', max_docs=5))
     assert meta['train_docs'] + meta['val_docs'] == 5
@@ -119,13 +121,15 @@ def test_clear_errors(tmp_path, monkeypatch):
 
 PREPARE_MEETING = '''
 import json, os, sys, time, types
-sys.modules['torch'] = types.ModuleType('torch')  # data.py needs torch only for batches: skip its slow import
+# data.py needs torch only for batches: skip its slow import
+sys.modules['torch'] = types.ModuleType('torch')
 import data
 data.DATA_DIR, source, meeting = sys.argv[1:]
 dump = json.dump
 
 
-def meet(*a, **k):  # both processes hold their meta.json temporary file open before either renames it
+# both processes hold their meta.json temporary file open before either renames it
+def meet(*a, **k):
     open(os.path.join(meeting, str(os.getpid())), 'w').close()
     start = time.time()
     while len(os.listdir(meeting)) < 2 and time.time() - start < 60:
@@ -142,13 +146,14 @@ def test_two_preparations_at_once(tmp_data):
     tmp, src, docs = tmp_data
     (tmp / 'meeting').mkdir()
     cmd = [sys.executable, '-c', PREPARE_MEETING, str(tmp / 'data'), src, str(tmp / 'meeting')]
-    procs = [subprocess.Popen(cmd, cwd=os.path.dirname(data.__file__), stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cwd = os.path.dirname(data.__file__)
+    procs = [subprocess.Popen(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     assert len(os.listdir(tmp / 'meeting')) == 2  # they did overlap
     out = data.dataset_dir(src, 'byte')
-    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']  # no temporary file left
+    # no temporary file left
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
     alone = data.prepare(src, 'byte', force=True, num_proc=1)  # the same as one preparation alone
     for f in ('train.bin', 'val.bin'):
         with open(os.path.join(out, f), 'rb') as a, open(os.path.join(alone, f), 'rb') as b:
@@ -173,18 +178,23 @@ def test_leftovers_of_killed_preparations_are_removed(tmp_data):
     (tmp / 'data' / 'being-made').mkdir()  # a concurrent process just made it: kept
     data.prepare(src, 'byte', num_proc=1)
     assert os.listdir(other) == [live]  # a live process's file is kept
-    assert sorted(os.listdir(tmp / 'data')) == sorted(['being-made', 'other-byte', os.path.basename(
-        data.dataset_dir(src, 'byte'))])
+    prepared = os.path.basename(data.dataset_dir(src, 'byte'))
+    assert sorted(os.listdir(tmp / 'data')) == sorted(['being-made', 'other-byte', prepared])
 
 
 def test_two_sources_never_share_a_folder_and_changes_are_noticed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
-    texts = {'x': ['alpha ' * 5, 'beta ' * 5, 'gamma ' * 5], 'y': ['one ' * 4, 'two ' * 4, 'six ' * 4]}
+    texts = {
+        'x': ['alpha ' * 5, 'beta ' * 5, 'gamma ' * 5],
+        'y': ['one ' * 4, 'two ' * 4, 'six ' * 4],
+    }
     for name, docs in texts.items():
         (tmp_path / name / 'corpus').mkdir(parents=True)
         for i, d in enumerate(docs):
             (tmp_path / name / 'corpus' / f'{i}.txt').write_text(d)
-    outs = {name: data.prepare(str(tmp_path / name / 'corpus'), 'byte', num_proc=1) for name in texts}
+    outs = {}
+    for name in texts:
+        outs[name] = data.prepare(str(tmp_path / name / 'corpus'), 'byte', num_proc=1)
     assert outs['x'] != outs['y'] and os.path.basename(outs['x']).startswith('corpus-')
     for name, out in outs.items():
         meta = data.load_meta(out)
@@ -202,14 +212,18 @@ def test_two_sources_never_share_a_folder_and_changes_are_noticed(tmp_path, monk
 def test_non_utf8_bytes_are_counted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, 'DATA_DIR', str(tmp_path / 'data'))
     (tmp_path / 'corpus').mkdir()
-    (tmp_path / 'corpus' / 'a.txt').write_bytes(b'caf\xe9 au lait \xff\xfe! \xe2\x82')  # Latin-1, strays, a cut euro
+    # Latin-1, strays, a cut euro
+    (tmp_path / 'corpus' / 'a.txt').write_bytes(b'caf\xe9 au lait \xff\xfe! \xe2\x82')
     (tmp_path / 'corpus' / 'b.txt').write_text('plain text, caf\u00e9')
     out = data.prepare(str(tmp_path / 'corpus'), 'byte', num_proc=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if 'UTF-8' in line]
     assert len(lines) == 1 and 'a.txt' in lines[0] and ' 5 bytes replaced' in lines[0]
     meta = data.load_meta(out)
     tokens = np.concatenate([read(out, 'train', meta), read(out, 'val', meta)])
-    assert sorted(split_docs(tokens, 256)) == ['caf\ufffd au lait \ufffd\ufffd! \ufffd\ufffd', 'plain text, caf\u00e9']
+    assert sorted(split_docs(tokens, 256)) == [
+        'caf\ufffd au lait \ufffd\ufffd! \ufffd\ufffd',
+        'plain text, caf\u00e9',
+    ]
 
 
 def test_a_missing_local_path_fails_at_once(tmp_path, monkeypatch):
@@ -220,18 +234,25 @@ def test_a_missing_local_path_fails_at_once(tmp_path, monkeypatch):
         hub_calls.append(path)
         yield from ['first document', 'second document', 'third one']
     monkeypatch.setattr(data, 'hub_documents', hub)
-    for name in ('/no/such/folder', './missing', '../missing', '~/missing_corpus', 'texts.txt', 'rows.jsonl',
-                 'rows.json', 'table.parquet', str(tmp_path / 'nothing*.txt')):
+    missing = ['/no/such/folder', './missing', '../missing', '~/missing_corpus', 'texts.txt',
+               'rows.jsonl', 'rows.json', 'table.parquet', str(tmp_path / 'nothing*.txt')]
+    for name in missing:
         with pytest.raises(SystemExit, match='no .txt/.jsonl/.json/.parquet files'):
             data.prepare(name, 'byte', num_proc=1)
     assert hub_calls == [] and not os.path.exists(tmp_path / 'data')
     out = data.prepare('cerebras/SlimPajama-627B', 'byte', num_proc=1)  # a Hub name goes to the Hub
-    assert hub_calls == ['cerebras/SlimPajama-627B'] and os.path.basename(out) == 'cerebras_SlimPajama-627B-byte'
+    assert hub_calls == ['cerebras/SlimPajama-627B']
+    assert os.path.basename(out) == 'cerebras_SlimPajama-627B-byte'
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--val-frac', '0'], '--val-frac'), (['--val-frac', '1'], '--val-frac'), (['--val-frac', '-0.1'], '--val-frac'),
-    (['--num-proc', '0'], '--num-proc'), (['--max-docs', '-1'], '--max-docs'), (['--max-tokens', '-5'], '--max-tokens')])
+    (['--val-frac', '0'], '--val-frac'),
+    (['--val-frac', '1'], '--val-frac'),
+    (['--val-frac', '-0.1'], '--val-frac'),
+    (['--num-proc', '0'], '--num-proc'),
+    (['--max-docs', '-1'], '--max-docs'),
+    (['--max-tokens', '-5'], '--max-tokens'),
+])
 def test_bad_flags_fail_at_parse_time(flags, message):
     with pytest.raises(SystemExit, match=message):
         data.parse_args(['shakespeare'] + flags)
@@ -253,7 +274,8 @@ def tiny_hf_tokenizer(path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=['<unk>', '<s>', '</s>'])
-    tok.train_from_iterator(['the cat sat on the mat', 'a dog ate the cat', 'document number'], trainer)
+    sentences = ['the cat sat on the mat', 'a dog ate the cat', 'document number']
+    tok.train_from_iterator(sentences, trainer)
     tok.save(str(path))
     return tok
 

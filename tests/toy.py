@@ -25,7 +25,8 @@ def conditionals(seqs, probs, x, known, K):
     agree = ((seqs[None] == x[:, None]) | ~known[:, None]).all(-1)  # (B, N)
     w = agree * probs[None]                                          # p(seq, observed)
     out = torch.zeros(x.shape[0], seqs.shape[1], K, dtype=torch.float64)
-    out.scatter_add_(2, seqs.T[None].expand(x.shape[0], -1, -1), w[:, None, :].expand(-1, seqs.shape[1], -1))
+    out.scatter_add_(2, seqs.T[None].expand(x.shape[0], -1, -1),
+                     w[:, None, :].expand(-1, seqs.shape[1], -1))
     return out / out.sum(-1, keepdim=True)
 
 
