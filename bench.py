@@ -23,8 +23,10 @@ from resource import getpagesize
 import torch
 
 import data
-from model import SIZES, DiT, get_config
-from train import ALGOS, DTYPE, ON_GPU, compile_model, load_algo, mfu_flops_per_token, peak_flops
+from config import DTYPE, ON_GPU, add_method_args, load_algo
+from model import SIZES, DiT, get_config, peak_flops
+from sample import add_sampling_args
+from train import compile_model
 
 
 def get_parser():
@@ -49,10 +51,9 @@ def get_parser():
     p.add_argument('--sample-length', type=int, default=256)
     p.add_argument('--num-samples', type=int, default=1)
     p.add_argument('--steps', type=int, default=None, help='sampling steps (default: the sample length)')
-    p.add_argument('--top-p', type=float, default=1.0)
+    add_sampling_args(p)
     p.add_argument('--json', action='store_true', help='one JSON object per --algo entry')
-    for name in ALGOS:
-        load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+    add_method_args(p)
     return p
 
 
@@ -203,7 +204,7 @@ def main(argv=None):
         for r in runs:
             r['result'].update(profile(r, args) if args.profile else {})
             tok_s = args.batch_size * args.block_size / r['train_s']
-            mfu = 3 * mfu_flops_per_token(r['algo'], r['cfg'], r['args']) * tok_s / peak
+            mfu = 3 * r['algo'].mfu_flops(r['cfg'], r['args']) * tok_s / peak
             r['result'].update(train_tok_per_s=tok_s, mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
                                peak_flops=peak)
     if args.sample:

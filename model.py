@@ -1,30 +1,35 @@
-"""The one network shared by AR, MDLM, Duo and Eso-LM: the seed's DiT transformer (../shared/GUIDE.md §2).
+"""The one network shared by AR, MDLM, Duo and Eso-LM: the seed's DiT transformer.
 
-Pre-LayerNorm blocks (weight, no bias), rotary positions, adaLN time conditioning on sigma, tanh-GELU MLP,
-zero-initialised modulation and output layer, untied embeddings. The network knows no method: a method
-chooses the attention (causal, bidirectional or a boolean mask), the rotary positions, sigma, and whether
-to decode incrementally with a KV cache. Every loss and sampler calls it (any callable alike can stand in):
+Pre-LayerNorm blocks (weight, no bias), rotary positions, adaLN time conditioning on sigma,
+tanh-GELU MLP, zero-initialised modulation and output layer, untied embeddings. The network
+knows no method: a method chooses the attention (causal, bidirectional or a boolean mask), the
+rotary positions, sigma, and whether to decode incrementally with a KV cache. Every loss and
+sampler calls it as
 
-    logits = model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None)
+    logits = model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None)
 
-With loss= (a Loss) it returns that loss instead; a stand-in applies loss(logits).
+so any callable with that signature (an exact denoiser in the tests) can stand in for it. The
+last section holds the sampling helpers every method's sampler uses.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# name: (d_model, layers, heads). The seed's ladder (GUIDE §8) plus CPU sizes.
+# name: (d_model, layers, heads). The seed's ladder plus three CPU sizes (tiny, mini, small).
 SIZES = {
-    'tiny': (64, 2, 2), 'mini': (128, 4, 4), 'small': (192, 4, 6), '6M': (256, 6, 4), '19M': (384, 8, 6),
-    '34M': (512, 8, 8), '48M': (576, 9, 9), '66M': (640, 10, 10), '75M': (640, 16, 8), '85M': (640, 13, 10),
-    '113M': (768, 12, 12), '142M': (768, 15, 12), '170M': (768, 18, 12), '180M': (896, 14, 14),
-    '206M': (896, 16, 14), '231M': (896, 18, 14), '268M': (1024, 16, 16), '302M': (1024, 18, 16),
-    '336M': (1024, 20, 16), '472M': (1280, 18, 10), '551M': (1280, 21, 10), '571M': (1408, 18, 11),
-    '629M': (1280, 24, 10), '666M': (1408, 21, 11), '761M': (1408, 24, 11), '831M': (1536, 22, 12),
-    '944M': (1536, 25, 12), '1233M': (1792, 24, 14), '1476M': (2048, 22, 16), '1678M': (2048, 25, 16),
+    'tiny': (64, 2, 2), 'mini': (128, 4, 4), 'small': (192, 4, 6),
+    '6M': (256, 6, 4), '19M': (384, 8, 6), '34M': (512, 8, 8), '48M': (576, 9, 9),
+    '66M': (640, 10, 10), '75M': (640, 16, 8), '85M': (640, 13, 10), '113M': (768, 12, 12),
+    '142M': (768, 15, 12), '170M': (768, 18, 12), '180M': (896, 14, 14), '206M': (896, 16, 14),
+    '231M': (896, 18, 14), '268M': (1024, 16, 16), '302M': (1024, 18, 16),
+    '336M': (1024, 20, 16), '472M': (1280, 18, 10), '551M': (1280, 21, 10),
+    '571M': (1408, 18, 11), '629M': (1280, 24, 10), '666M': (1408, 21, 11),
+    '761M': (1408, 24, 11), '831M': (1536, 22, 12), '944M': (1536, 25, 12),
+    '1233M': (1792, 24, 14), '1476M': (2048, 22, 16), '1678M': (2048, 25, 16),
     '2121M': (2176, 28, 17),
 }
 
@@ -39,7 +44,7 @@ class Config:
     dropout: float = 0.0
 
     @property
-    def padded_vocab(self):  # rows of the embedding/output, a multiple of 128
+    def padded_vocab(self):  # rows of the embedding and output layer: a multiple of 128
         return -(-self.vocab_size // 128) * 128
 
 
@@ -51,10 +56,10 @@ def get_config(size, vocab_size, **kw):
 
 
 def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
-    """Forward FLOPs per token. Without attention: the seed's count (GUIDE §7), 2 x every matmul weight
-    applied per token (qkv, out, MLP, output layer) plus the adaLN modulation, which runs once per
-    sequence. With attention: adds the score and value matmuls (nanoGPT's 12 L H Q T / 3 per forward),
-    for MFU. out_share: the fraction of tokens that reach the output layer (MDLM: E[t] = 1/2)."""
+    """Forward FLOPs per token, MATH (36): 2 x every matmul weight a token passes (qkv, out,
+    MLP, output layer) plus the adaLN modulation, which runs once per sequence. attention=True
+    adds the score and value matmuls for MFU, MATH (38). out_share: the fraction of tokens that
+    reach the output layer (MDLM: E[1 - alpha_t] = 1/2)."""
     d, n = cfg.n_embd, cfg.n_layer
     per_token = 2 * (n * 12 * d * d + out_share * d * cfg.vocab_size)
     per_seq = 2 * cfg.cond_dim * (n * 6 * d + 2 * d)
@@ -62,7 +67,32 @@ def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
     return per_token + per_seq / seq_len + attn
 
 
-# ---- building blocks -------------------------------------------------------
+def peak_flops(device, dtype):
+    """Peak matmul FLOP/s for MFU: the datasheet on known GPUs, else the best of up to 6 timed
+    n x n matmuls in the run's dtype (the best: a busy machine slows only some)."""
+    cuda = torch.device(device).type == 'cuda'
+    datasheet = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40': 181e12}
+    for key, peak in datasheet.items():
+        if cuda and dtype != torch.float32 and key in torch.cuda.get_device_name(device):
+            return peak
+    n = 2048 if cuda else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    best = float('inf')
+    start = time.perf_counter()
+    for i in range(6):  # at most ~2 s: bf16 on a CPU without it can be 100x slower
+        t0 = time.perf_counter()
+        (a @ a).sum().item()  # .item() waits for a GPU
+        best = min(best, time.perf_counter() - t0)
+        if i >= 1 and time.perf_counter() - start > 2:
+            break
+    return 2 * n ** 3 / best
+
+
+def percent(mfu):  # an MFU above 100% means the measured peak is wrong: unknown
+    return f'{mfu:.1%}' if mfu <= 1 else '?'
+
+
+# ---- building blocks -------------------------------------------------------------------------
 
 def modulate(x, shift, scale):  # adaLN
     return x * (1 + scale) + shift
@@ -75,9 +105,10 @@ def rotary(positions, head_dim, base=10000.0):
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x, cos, sin):
+def apply_rotary(x, cos, sin):  # rotate the two halves of each head (GPT-NeoX style)
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -93,22 +124,26 @@ class KVCache:
     """Keys and values of committed tokens, for incremental decoding.
 
     A forward pass with `cache=` runs only the new tokens: their queries attend to every cached
-    key and causally among themselves; their keys/values are appended and `cache.len` advances
-    past them. A method that wants to keep only the first m new tokens (Eso-LM: the others are
+    key and causally among themselves; their keys and values are appended and `cache.len`
+    advances past them. A method that keeps only the first m new tokens (Eso-LM: the others are
     still masked) calls `cache.truncate(old_len + m)`; the rest are overwritten next time."""
 
     def __init__(self, max_len):
-        self.k, self.v = {}, {}  # layer -> (B, H, max_len, head_dim)
-        self.max_len, self.len = max_len, 0
+        self.k = {}  # layer -> (B, H, max_len, head_dim)
+        self.v = {}
+        self.max_len = max_len
+        self.len = 0
 
     def update(self, layer, k, v):
         B, H, n, hd = k.shape
         if layer not in self.k:
-            self.k[layer], self.v[layer] = (t.new_empty(B, H, self.max_len, hd) for t in (k, v))
+            self.k[layer] = k.new_empty(B, H, self.max_len, hd)
+            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
         end = self.len + n
         if end > self.max_len:
             raise ValueError(f'KV cache full: {end} > max_len {self.max_len}')
-        self.k[layer][:, :, self.len:end], self.v[layer][:, :, self.len:end] = k, v
+        self.k[layer][:, :, self.len:end] = k
+        self.v[layer][:, :, self.len:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def truncate(self, length):
@@ -118,18 +153,22 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, causal, mask, cache, layer):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()  # a view would pin all of qkv
-        if cache is not None:  # new queries see all cached keys, causal among themselves
+        qkv = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        q = apply_rotary(qkv[0], cos, sin)
+        k = apply_rotary(qkv[1], cos, sin)
+        v = qkv[2].contiguous()  # a view would keep all of qkv alive for the backward
+        if cache is not None:  # new queries see every cached key, and causally each other
             k, v = cache.update(layer, k, v)
             j = torch.arange(k.shape[2], device=x.device)  # key positions 0..cache.len+L-1
-            causal, mask = False, (j <= j[-L:, None] if L > 1 else None)  # query i is key cache.len+i
+            mask = j <= j[-L:, None]                        # query i is key cache.len + i
+            causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
@@ -139,9 +178,11 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.n_embd
-        self.norm1, self.norm2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+        self.norm1 = nn.LayerNorm(d, bias=False)
+        self.norm2 = nn.LayerNorm(d, bias=False)
         self.attn = Attention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'),
+                                 nn.Linear(4 * d, d))
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * d)  # shift, scale, gate for attention and MLP
         self.dropout = cfg.dropout
 
@@ -153,7 +194,7 @@ class Block(nn.Module):
         return x + gate2 * F.dropout(h, self.dropout, self.training)
 
 
-# ---- the network -----------------------------------------------------------
+# ---- the network -----------------------------------------------------------------------------
 
 class DiT(nn.Module):
     def __init__(self, cfg):
@@ -170,26 +211,31 @@ class DiT(nn.Module):
         for lin in [b.adaLN for b in self.blocks] + [self.adaLN_out, self.out]:
             nn.init.zeros_(lin.weight)  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(lin.bias)
-        pad = torch.where(torch.arange(V) < cfg.vocab_size, 0.0, float('-inf'))  # padded rows never win
-        self.register_buffer('pad_bias', pad, persistent=False)
+        pad = torch.where(torch.arange(V) < cfg.vocab_size, 0.0, float('-inf'))
+        self.register_buffer('pad_bias', pad, persistent=False)  # padded ids never win
 
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.embed.numel() - self.out.weight.numel()
+        if embeddings:
+            return n
+        return n - self.embed.numel() - self.out.weight.numel()
 
-    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
-                loss=None):
-        """x: token ids (B, L) or probability vectors (B, L, K) over the first K ids.
-        sigma: (B,) noise level for adaLN (zeros if None). causal / mask: attention
-        (mask is boolean, True = may attend, broadcastable to (B, H, L, Lk)).
-        positions: (B, L) rotary positions (default: cache.len + 0..L-1).
-        select: optional boolean (B, L): return logits only there, shape (N, V).
-        Returns logits (B, L, V) over the padded vocabulary (padding = -inf),
-        or with loss= (a Loss) that loss of the (selected) positions."""
-        # token ids, or soft input: a weighted sum of embeddings
-        h = x @ self.embed[:x.shape[-1]].to(x.dtype) if x.dtype.is_floating_point else self.embed[x]
+    def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None,
+                select=None, head=F.linear):
+        """x: token ids (B, L), or probability vectors (B, L, K) over the first K ids.
+        sigma: (B,) noise level for adaLN (zeros if None). causal / mask: the attention (mask is
+        boolean, True = may attend, broadcastable to (B, H, L, Lk)). positions: (B, L) rotary
+        positions (default: cache.len + 0..L-1). select: boolean (B, L), the positions that reach
+        the output layer (default: all). head(h, W, b) is the output layer, F.linear: logits
+        (B, L, V), or (N, V) at select, over the padded vocabulary (padding = -inf). fused.py
+        passes its chunked loss as head, and the call returns that loss."""
+        if x.dtype.is_floating_point:  # soft input: a weighted sum of embeddings
+            h = x @ self.embed[:x.shape[-1]].to(x.dtype)
+        else:
+            h = self.embed[x]
         B, L = h.shape[:2]
-        sigma = torch.zeros(B, device=h.device) if sigma is None else sigma
+        if sigma is None:
+            sigma = torch.zeros(B, device=h.device)
         if positions is None:
             start = cache.len if cache is not None else 0
             positions = torch.arange(start, start + L, device=h.device).expand(B, L)
@@ -201,162 +247,109 @@ class DiT(nn.Module):
             cache.len += L
         shift, scale = self.adaLN_out(c)[:, None].chunk(2, dim=-1)
         h = modulate(self.norm_out(h), shift, scale)
-        h = h if select is None else h[select]  # output layer only where a loss needs it
-        return (F.linear if loss is None else loss)(h, self.out.weight, self.out.bias + self.pad_bias)
-
-
-# ---- the output layer and its loss in one (--fused, the default) -----------
-
-def cross_entropy(logits, targets, grad=False):
-    """-log softmax(logits)[target] per row (N,), in float32 at least; with grad=True (the fused path, where
-    logits is a scratch chunk it overwrites) also its gradient in the logits, softmax - onehot(target) (N, V)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    l_target = logits.gather(-1, targets[:, None])[:, 0]
-    if not grad:
-        return logits.logsumexp(-1) - l_target
-    m = logits.amax(-1, keepdim=True)
-    p = logits.sub_(m).exp_()                   # one pass: exp(logit - max) serves the loss and the softmax
-    S = p.sum(-1, keepdim=True)
-    p.div_(S)[torch.arange(len(targets), device=p.device), targets] -= 1
-    return (m + S.log())[:, 0] - l_target, p
-
-
-class Loss:
-    """The forward's `loss=`: per-row losses fn(logits, *rows) (N,) of the positions the network outputs (rows:
-    per-row tensors or constants; fn, e.g. cross_entropy, also returns d loss / d logits with grad=True). With
-    weight ((N,) or a number): the training loss sum_i weight_i loss_i. fused=False: the plain path, logits, fn."""
-
-    def __init__(self, fn, *rows, weight=None, fused=True):
-        self.fn, self.rows, self.weight, self.fused = fn, rows, weight, fused
-
-    def __call__(self, h, W=None, b=None):  # W=None: h are logits (a stand-in network)
-        h = h.flatten(0, -2)
-        if not self.fused:
-            loss = self.fn(h if W is None else F.linear(h, W, b), *self.rows)
-            return loss if self.weight is None else (self.weight * loss).sum()
-        if W is not None and torch.is_autocast_enabled(h.device.type):  # cast once, as F.linear would
-            h, W, b = (t.to(torch.get_autocast_dtype(h.device.type)) for t in (h, W, b))
-        if self.weight is None:
-            with torch.no_grad():
-                return chunked_loss(h, W, b, self.fn, self.rows)[0]
-        w = torch.as_tensor(self.weight, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        return LinearLoss.apply(h, W, b, w.expand(len(h)), self.fn, self.rows)
-
-
-CHUNK = 256  # rows of logits at a time
-
-
-def chunked_loss(h, W, b, fn, rows, weight=None):
-    """Per-row losses fn(h_i W^T + b, rows_i) (N,), CHUNK rows at a time in one reused (CHUNK, V) buffer (a
-    fresh 50 MB block costs about a pass over it in page faults), and with weight the gradients of
-    sum_i weight_i loss_i in h, W, b from the same logits (fn(..., grad=True) may overwrite them)."""
-    grad = weight is not None
-    buf = h.new_empty(CHUNK, h.shape[1] if W is None else W.shape[0])  # one size every call: no heap fragments
-    losses, dh = [h.new_zeros(0, dtype=torch.float32)], torch.empty_like(h) if grad else None
-    dW, db = (torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-              if grad and t is not None else None for t in (W, b))
-    for i in range(0, len(h), CHUNK):
-        h_c, rows_c = h[i:i + CHUNK], [r[i:i + CHUNK] if torch.is_tensor(r) else r for r in rows]
-        logits = buf[:len(h_c)].copy_(h_c) if W is None else torch.addmm(b, h_c, W.t(), out=buf[:len(h_c)])
-        out = fn(logits, *rows_c, grad=grad)
-        losses.append(out[0] if grad else out)
-        if grad:
-            d = out[1].mul_(weight[i:i + CHUNK, None]).to(h.dtype)  # d (sum_i w_i loss_i) / d logits
-            dh[i:i + CHUNK] = d if W is None else d @ W
-            if W is not None:  # dW += d^T h_c, in place where the dtypes allow
-                dW.addmm_(d.t(), h_c) if dW.dtype == d.dtype else dW.add_(d.t() @ h_c)
-                db += d.sum(0)
-    return torch.cat(losses), dh, dW, db
-
-
-class LinearLoss(torch.autograd.Function):
-    """sum_i w_i fn(h_i W^T + b, rows_i) without the (N, V) logits: the forward computes each chunk's
-    logits, losses and gradients at once (as fused linear-cross-entropy kernels do), the backward only
-    scales them. The matmul FLOPs are the plain path's (2NdV + 4NdV), nothing is recomputed, and a few
-    (CHUNK, V) buffers replace the (N, V) logits, their float32 copy, the softmax and its gradient."""
-
-    @staticmethod
-    def forward(ctx, h, W, b, weight, fn, rows):
-        loss, *grads = chunked_loss(h, W, b, fn, rows, weight)
-        ctx.save_for_backward(*grads)
-        return (weight * loss).sum()
-
-    @staticmethod
-    def backward(ctx, g):  # d/dh, d/dW, d/db; none for weight, fn, rows
-        return *(None if d is None else g * d for d in ctx.saved_tensors), None, None, None
+        if select is not None:  # the output layer only where a loss or sampler needs it
+            h = h[select]
+        return head(h, self.out.weight, self.out.bias + self.pad_bias)
 
 
 def unwrap(model):
     """The DiT inside a DDP and/or torch.compile wrapper."""
-    model = getattr(model, 'module', model)
-    return getattr(model, '_orig_mod', model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, '_orig_mod', model)  # torch.compile's wrapper holds it there
 
 
-# ---- sampling helpers shared by the methods' samplers ----------------------
+# ---- what the methods read off the logits ----------------------------------------------------
+
+def log_softmax(logits, K):
+    """log x_theta over the K real ids (the [MASK] id and the padding dropped: MATH (6)),
+    in float32 at least (float64 stays float64)."""
+    logits = logits[..., :K]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+def cross_entropy(logits, targets, K):
+    """-log x_theta[target] at each position: logits (..., V), targets (...) -> (...)."""
+    return -log_softmax(logits, K).gather(-1, targets[..., None])[..., 0]
+
+
+# ---- sampling helpers shared by the methods' samplers ----------------------------------------
 
 def top_p_filter(probs, top_p):
     """Nucleus: keep the smallest set of tokens whose mass reaches top_p, renormalised."""
     if top_p >= 1.0:
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
-    probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before this token is enough
+    probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
     return probs / probs.sum(-1, keepdim=True)
 
 
 def sample_categorical(probs):
-    """One draw per row of probs (..., V): argmax p_i / E_i with E_i ~ Exp(1),
-    the exponential race (Gumbel-max in another form). Pass float64 probs:
-    float32 noise visibly lowers the entropy of long samples (GUIDE §4)."""
+    """One draw per row of probs (..., V): argmax p_i / E_i with E_i ~ Exp(1), the exponential
+    race (Gumbel-max in another form). Pass float64 probs: float32 noise visibly lowers the
+    entropy of long samples."""
     e = torch.empty_like(probs).exponential_()
     return (probs / e).argmax(dim=-1)
 
 
 def start_tokens(n, length, K, prompt=None, fixed=None, device='cpu'):
-    """A sampler's start: z (n, length), id K (MASK, or "not yet drawn") everywhere
-    but at the clean tokens given, and keep (n, length), True there. prompt (n, P):
-    a clean prefix; fixed=(tokens, given), both (n, length): infilling, clean where given."""
+    """A sampler's start: z (n, length), id K ([MASK], or "not drawn yet") everywhere but at
+    the clean tokens given, and keep (n, length), True there. prompt (n, P): a clean prefix;
+    fixed=(tokens, given), both (n, length): infilling, clean where given."""
     z = torch.full((n, length), K, dtype=torch.long, device=device)
     keep = torch.zeros(n, length, dtype=torch.bool, device=device)
     if prompt is not None:
         if prompt.dim() != 2 or prompt.shape[0] != n or prompt.shape[1] > length:
-            raise ValueError(f'prompt must be (n={n}, P <= length={length}), got {tuple(prompt.shape)}')
-        z[:, :prompt.shape[1]], keep[:, :prompt.shape[1]] = prompt, True
+            raise ValueError(f'prompt must be (n={n}, P <= length={length}), '
+                             f'got {tuple(prompt.shape)}')
+        z[:, :prompt.shape[1]] = prompt
+        keep[:, :prompt.shape[1]] = True
     if fixed is not None:
         tokens, given = fixed[0].to(device), fixed[1].to(device)
         if tokens.shape != (n, length) or given.shape != (n, length):
             raise ValueError(f'fixed=(tokens, given) must both be (n={n}, length={length})')
-        z, keep = torch.where(given, tokens, z), keep | given
+        z = torch.where(given, tokens, z)
+        keep = keep | given
     if ((z[keep] < 0) | (z[keep] >= K)).any():
         raise ValueError(f'prompt and fixed tokens must be ids in [0, {K}), the real vocabulary')
     return z, keep
 
 
-def in_windows(denoise, model, args, z, keep, callback=None):
-    """Sample z (n, length), clean where keep, with denoise(model, args, z, keep, report) ->
-    (tokens, NFE), a method's sampler. Beyond the training context (args.block_size), window
-    by window: the first block_size positions, then the last block_size - new tokens so far as
-    a clean prefix and new <= args.stride (default: half the context) fresh positions. denoise
-    reports each step; callback(z, nfe, noisy) sees the whole sequence (noisy: not final yet)
-    and the NFE of all windows so far, at the start (nfe = 0) and after each step."""
-    length, context = z.shape[1], getattr(args, 'block_size', None) or z.shape[1]
-    stride = getattr(args, 'stride', None) or context // 2
+def generate(denoise, model, args, n, length, prompt=None, device='cpu', fixed=None,
+             callback=None):
+    """n sequences of `length` tokens with a method's denoise(model, args, z, keep, report) ->
+    (tokens, NFE): the body of every method's sample(). Beyond the training context
+    (args.block_size), window by window: the first block_size positions, then each window
+    keeps the last block_size - stride tokens so far as a clean prefix and adds up to
+    args.stride (default: half the context) new ones. callback(z, nfe, noisy) sees the whole
+    sequence and the NFE so far at the start and after each step (noisy: not final yet)."""
+    z, keep = start_tokens(n, length, args.vocab_size, prompt, fixed, device)
+    context = args.block_size or length
+    stride = args.stride or context // 2
     if length > context and not 0 < stride < context:
-        raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], got {stride}')
-    out, nfe = z[:, :0], 0
+        raise ValueError(f'--stride must be in [1, block_size - 1] = [1, {context - 1}], '
+                         f'got {stride}')
+    out = z[:, :0]
+    nfe = 0
     if callback is not None:
         callback(z, 0, ~keep)                                  # step 0: the given tokens only
     while out.shape[1] < length:
-        a = out.shape[1]                                       # tokens done
-        hi = min(a + stride if a else context, length)          # this window: positions lo..hi-1
+        done = out.shape[1]                                    # tokens decided so far
+        hi = min(done + stride if done else context, length)   # this window: positions lo..hi-1
         lo = max(hi - context, 0)
 
-        def report(w, calls, noisy):  # noisy may be a function: computed only for a callback
-            if callback is not None:
-                noisy = noisy() if callable(noisy) else noisy
-                callback(torch.cat([out[:, :lo], w, z[:, hi:]], 1), nfe + calls,
-                         torch.cat([torch.zeros_like(keep[:, :lo]), noisy, ~keep[:, hi:]], 1))
-        w, calls = denoise(model, args, torch.cat([out[:, lo:], z[:, a:hi]], 1),
-                           torch.cat([torch.ones_like(keep[:, lo:a]), keep[:, a:hi]], 1), report)
-        out, nfe = torch.cat([out, w[:, a - lo:]], 1), nfe + calls
+        def report(w, calls, noisy):  # noisy may be a function, called only for a callback
+            if callback is None:
+                return
+            if callable(noisy):
+                noisy = noisy()
+            clean = torch.zeros_like(keep[:, :lo])
+            callback(torch.cat([out[:, :lo], w, z[:, hi:]], 1), nfe + calls,
+                     torch.cat([clean, noisy, ~keep[:, hi:]], 1))
+        window = torch.cat([out[:, lo:], z[:, done:hi]], 1)
+        window_keep = torch.cat([torch.ones_like(keep[:, lo:done]), keep[:, done:hi]], 1)
+        w, calls = denoise(model, args, window, window_keep, report)
+        out = torch.cat([out, w[:, done - lo:]], 1)
+        nfe += calls
     return out, nfe

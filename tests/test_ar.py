@@ -1,18 +1,17 @@
 """AR against exact answers on an enumerable toy, and its KV cache."""
-import argparse
-
 import torch
 
 import ar
 from model import DiT, get_config
 from toy import conditionals, entropy, toy_distribution, total_variation
+from args import make_args
 
 K, L = 3, 4
 
 
 def oracle(seqs, probs):
     """A stand-in network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
         assert causal and cache is None
         B, n = x.shape
         out = torch.empty(B, n, K, dtype=torch.float64)
@@ -21,7 +20,7 @@ def oracle(seqs, probs):
             known = torch.arange(L) <= l
             out[:, l] = conditionals(seqs, probs, padded, known.expand(B, L), K)[:, l + 1]
         out = out.log() if select is None else out.log()[select]
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return model
 
 
@@ -34,13 +33,14 @@ def conditional_entropy_given_first(seqs, probs):
 def test_loss_with_exact_conditionals_is_the_entropy():
     seqs, probs = toy_distribution(K, L, seed=1)
     model = oracle(seqs, probs)
-    nll, n = ar.eval_nll(model, seqs, None, None)
+    args = make_args(vocab_size=K)
+    nll, n = ar.eval_nll(model, seqs, None, args)
     assert n == L - 1
     expected = conditional_entropy_given_first(seqs, probs)
     assert abs((probs * nll).sum().item() - expected) < 1e-9
     # train_loss: the mean per predicted token over a batch of different sequences (a constant
     # one hides a target shift), against log p(x) - log p(x_1) from the table
-    loss = ar.train_loss(model, seqs, None, None, 0, {})
+    loss = ar.train_loss(model, seqs, None, args, 0, {})
     p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
     assert abs(loss.item() - (p1[seqs[:, 0]].log() - probs.log()).mean().item() / (L - 1)) < 1e-9
 
@@ -50,7 +50,7 @@ def test_sampler_reproduces_the_distribution():
     seqs, probs = toy_distribution(K, L, seed=2)
     S = 20000
     first = seqs[torch.multinomial(probs, S, replacement=True), :1]  # X_1 from its marginal
-    args = argparse.Namespace(vocab_size=K, cache=False, top_p=1.0, temperature=1.0, float64=True)
+    args = make_args(vocab_size=K, cache=False, top_p=1.0, temperature=1.0, float64=True)
     samples, nfe = ar.sample(oracle(seqs, probs), args, S, L, prompt=first)
     assert nfe == L - 1
     # TV of an exact sampler with S draws over 81 cells is ~0.03; a wrong one is far above
@@ -63,7 +63,7 @@ def test_kv_cache_sampling_equals_full_recompute():
     model = DiT(get_config('tiny', 50)).eval()
     for p in model.parameters():  # leave the zero init so the output depends on the input
         torch.nn.init.normal_(p, std=0.3)
-    args = argparse.Namespace(vocab_size=50, cache=True, top_p=0.9, temperature=1.0, float64=True)
+    args = make_args(vocab_size=50, cache=True, top_p=0.9, temperature=1.0, float64=True)
     prompt = torch.randint(0, 50, (3, 5))
     torch.manual_seed(1)
     a, nfe_a = ar.sample(model, args, 3, 40, prompt)

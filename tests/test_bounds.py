@@ -1,4 +1,4 @@
-"""eval_nll's estimators of the exact bound (MDLM, Eso-LM, Duo; GUIDE §9): with the
+"""eval_nll's estimators of the exact bound (MDLM, Eso-LM, Duo; MATH (10), (21), (33)): with the
 exact denoiser of an enumerable toy they give the NLL (MDLM, Eso-LM) with no eps
 allowance, their variance stays finite where the old 1/t-weighted estimates
 blew up, and eval.py's 95% interval covers the exact value."""
@@ -17,6 +17,7 @@ from test_duo import args_for as duo_args, exact_nelbo, noisy_oracle
 from test_esolm import oracle as esolm_oracle
 from test_mdlm import oracle as mdlm_oracle
 from toy import conditionals, entropy, toy_distribution
+from args import make_args
 
 K, L = 3, 3
 
@@ -24,9 +25,9 @@ K, L = 3, 3
 def method(name, alpha0, seqs, probs):
     """(module, exact model, args) for a method on the toy."""
     if name == 'mdlm':
-        return mdlm, mdlm_oracle(seqs, probs, K), argparse.Namespace(vocab_size=K, device='cpu')
+        return mdlm, mdlm_oracle(seqs, probs, K), make_args(vocab_size=K, device='cpu')
     if name == 'esolm':
-        args = argparse.Namespace(vocab_size=K, alpha0=alpha0, iw_orders=0, device='cpu')
+        args = make_args(vocab_size=K, alpha0=alpha0, iw_orders=0, device='cpu')
         return esolm, esolm_oracle(seqs, probs, K), args
     return duo, noisy_oracle(seqs, probs), duo_args(device='cpu')
 
@@ -107,7 +108,7 @@ def test_time_conditioned_mdlm_sees_t_given_k():
     n = 30000
     torch.manual_seed(0)
     x = seqs[torch.multinomial(probs, n, replacement=True)]
-    est, _ = mdlm.eval_nll(model, x, torch.rand(n), argparse.Namespace(vocab_size=K, time_cond=True))
+    est, _ = mdlm.eval_nll(model, x, torch.rand(n), make_args(vocab_size=K, time_cond=True))
     k, sigma = seen[0]
     t = 1 - torch.exp(-sigma.double())
     for j in range(1, L + 1):

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 import ar
+import config
 import data
 import duo
 import eval as evaluate
 import scaling
 import train
+from model import DiT, get_config
 from test_train import TINY, log
 
 
@@ -67,7 +69,7 @@ def test_a_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatc
     (['--size', '7M'], "unknown size '7M'"),
 ])
 def test_bad_flags_are_refused_at_parse_time(argv, says, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.Trainer, '__init__', lambda *a: pytest.fail('work started'))
+    monkeypatch.setattr(train, 'setup', lambda *a: pytest.fail('work started'))
     with pytest.raises(SystemExit, match=says):
         train.main(TINY + ['--out-dir', str(tmp_path)] + argv)
 
@@ -88,7 +90,7 @@ def test_checkpoints_that_are_not_ours_get_one_line(tmp_path):
 
 def test_an_out_dir_that_cannot_be_written_is_refused_before_work(tmp_path, monkeypatch):
     (tmp_path / 'file').write_text('')
-    monkeypatch.setattr(train.Trainer, 'setup_data', lambda self: pytest.fail('work started'))
+    monkeypatch.setattr(train, 'setup', lambda *a: pytest.fail('work started'))
     with pytest.raises(SystemExit, match='cannot write to --out-dir .*file/run'):
         train.main(TINY + ['--out-dir', str(tmp_path / 'file' / 'run')])
 
@@ -124,7 +126,7 @@ def test_scaling_flags_are_refused_before_any_run(argv, says, tmp_path, monkeypa
 # -- the seed's recipe -----------------------------------------------------------
 
 def test_distillation_defaults_are_the_seeds(monkeypatch):
-    monkeypatch.setattr(train, 'ON_GPU', True)
+    monkeypatch.setattr(config, 'ON_GPU', True)
     a = train.parse_args(['--algo', 'duo', '--device', 'cuda', '--distill-from', 'base.pt'])  # distil_owt.sh
     assert (a.lr, a.min_lr, a.warmup_iters, a.batch_size, a.max_iters, a.ema, a.distill_T, a.teacher_every) == \
         (6e-5, 6e-5, 500, 128, 50_000, 0.999, 512, 10_000)
@@ -164,20 +166,18 @@ def test_a_plan_that_reads_the_data_many_times_says_so(n_train, says, tmp_path, 
 @pytest.mark.parametrize('decay', ['all', 'matrices'])
 def test_weight_decay_reaches_every_parameter_by_default(decay, tmp_path):
     argv = TINY + ['--out-dir', str(tmp_path), '--weight-decay', '0.1'] + (['--decay', decay] if decay == 'matrices' else [])
-    t = train.Trainer(train.parse_args(argv))
-    t.plan(257)
-    t.setup_model()
-    rate = {id(p): g['weight_decay'] for g in t.opt.param_groups for p in g['params']}
-    assert len(rate) == len(list(t.raw.parameters()))
-    for name, p in t.raw.named_parameters():
+    net = DiT(get_config('tiny', 257))
+    opt = train.make_optimizer(net, train.parse_args(argv))
+    rate = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
+    assert len(rate) == len(list(net.parameters()))
+    for name, p in net.named_parameters():
         expected = 0.1 if decay == 'all' or p.dim() >= 2 else 0.0  # the seed: gains and biases too
         assert rate[id(p)] == expected, name
-    assert decay == 'all' or any(rate[id(p)] == 0.0 for p in t.raw.parameters())
+    assert decay == 'all' or any(rate[id(p)] == 0.0 for p in net.parameters())
 
 
 @pytest.mark.parametrize('algo, cut', [('ar', False), ('mdlm', True)])
 def test_ssl_ratio_cuts_diffusion_batches_only(algo, cut, tmp_path):
-    t = train.Trainer(train.parse_args(TINY + ['--algo', algo, '--ssl-ratio', '1', '--out-dir', str(tmp_path)]))
-    t.setup_data()
-    lengths = {t.batch('train', step, 0, 1)[0].shape[1] for step in range(20)}
+    run = train.setup(train.parse_args(TINY + ['--algo', algo, '--ssl-ratio', '1', '--out-dir', str(tmp_path)]))
+    lengths = {train.get_batch(run, 'train', step, 0, 1)[0].shape[1] for step in range(20)}
     assert (lengths != {32}) == cut

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import duo
+from args import make_args
 from model import DiT, get_config
 from toy import entropy, toy_distribution, total_variation
 
@@ -22,7 +23,7 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
     leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);
     else the full posterior p(x_l | z), which also conditions on z_l.
     The first clean_prefix positions are known clean (a prompt)."""
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
         a = torch.exp(-sigma.double())[:, None, None]
         q = a * (seqs[None] == z[:, None]) + (1 - a) / K                 # (B, N, L): q(z_l | x_l)
         q[..., :clean_prefix] = (seqs[None] == z[:, None])[..., :clean_prefix].double()
@@ -32,15 +33,13 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
             w = probs * torch.exp(logq.sum(-1) - (logq[..., l] if leave_one_out else 0))
             out[:, l].scatter_add_(1, seqs[:, l].expand(z.shape[0], -1), w)
         out = (out / out.sum(-1, keepdim=True)).log()
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return model
 
 
 def args_for(**kw):
-    base = dict(vocab_size=K, steps=16, top_p=1.0, float64=True, greedy_tail=False, cache=False,
-                curriculum_steps=0, tau=1e-3, gamma_min=None, gamma_max=None, distill_from=None,
-                teacher_every=10, distill_T=512)
-    return argparse.Namespace(**{**base, **kw})
+    return make_args(**{**dict(vocab_size=K, steps=16, cache=False, teacher_every=10,
+                                distill_T=512), **kw})
 
 
 def random_dit(vocab, seed=0):
@@ -86,7 +85,7 @@ def test_closed_form_equals_reverse_rate_elbo():
     dq = (marg(onehot, duo.schedule(t + h)[0]) - marg(onehot, duo.schedule(t - h)[0])) / (2 * h)
     assert torch.allclose(dq, (marg(onehot, a)[:, None] @ Q)[:, 0], atol=1e-8)
     brute = reverse_rate_integrand(logits, x, z, a, da, K5)
-    closed = duo.nelbo_per_token(logits, x, z, a, da, K5)
+    closed = duo.nelbo(logits, x, z, a, da, K5)
     assert torch.allclose(closed, brute, rtol=1e-10, atol=1e-12)
     assert (closed >= 0).all()
 
@@ -101,8 +100,8 @@ def test_closed_form_is_safe_in_float32_at_gpt2_vocab():
     z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kg, (N,), generator=g))
     for alpha in [1e-6, 1e-3, 0.5, 0.999, 1 - 1e-6]:
         a, da = torch.full((N,), alpha), torch.full((N,), -(1 - duo.EPS))
-        f32 = duo.nelbo_per_token(logits, x, z, a, da, Kg)
-        f64 = duo.nelbo_per_token(logits.double(), x, z, a.double(), da.double(), Kg)
+        f32 = duo.nelbo(logits, x, z, a, da, Kg)
+        f64 = duo.nelbo(logits.double(), x, z, a.double(), da.double(), Kg)
         assert torch.isfinite(f32).all() and f32.dtype == torch.float32
         assert torch.allclose(f32.double(), f64, rtol=1e-5, atol=0.1), alpha
         assert (f64 >= 0).all()
@@ -119,7 +118,7 @@ def expected_integrand(model, seqs, probs, t):
     q_zx = torch.where(z == x, a + (1 - a) / K, (1 - a) / K).prod(1)
     logits = model(z, sigma=torch.full((len(z),), -math.log(a), dtype=torch.float64))
     n = len(z) * L
-    loss = duo.nelbo_per_token(logits.flatten(0, 1), x.flatten(), z.flatten(),
+    loss = duo.nelbo(logits.flatten(0, 1), x.flatten(), z.flatten(),
                                a.expand(n), da.expand(n), K).view(-1, L).sum(1)
     return (probs.repeat_interleave(N) * q_zx * loss).sum().item()
 
@@ -159,8 +158,8 @@ def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
     nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma, **kw), x, u, args_for())
     assert n == L
     assert abs(nll.mean().item() - exact) < 4 * nll.std().item() / math.sqrt(S)
-    # ... with times over all of (0, 1] (t = 1 - u), not training's [eps, 1]
-    alpha = duo.schedule(1 - u.double())[0]
+    # ... with times over all of (0, 1], t = (1 - u)^2, not training's [eps, 1]
+    alpha = duo.schedule((1 - u.double()) ** 2)[0]
     assert torch.allclose(seen[0].double(), -alpha.log(), rtol=1e-4, atol=1e-7) and seen[0].min() < 1e-4
 
 
@@ -357,7 +356,7 @@ def test_curriculum_loss_is_the_discrete_elbo_at_the_transformed_alpha():
     u = (torch.rand(1) + torch.arange(B)) / B
     logits = torch.randn(B, n, V, dtype=torch.float64)
     seen = []
-    model = lambda w, sigma=None, loss=None, **kw: seen.append(w) or (logits if loss is None else loss(logits))
+    model = lambda w, sigma=None, head=None, **kw: seen.append(w) or (logits if head is None else head(logits))
     loss = duo.train_loss(model, x, u, args_for(vocab_size=V, curriculum_steps=1, tau=0.1), 0, {})
     z = seen[0].argmax(-1)  # softmax(w / tau) keeps the argmax of w
     gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u.double())  # linear in t over [gamma_min, gamma_max]

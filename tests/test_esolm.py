@@ -11,8 +11,23 @@ import torch
 import esolm
 from model import DiT, get_config
 from toy import conditionals, toy_distribution, total_variation
+from args import make_args
 
 K, L = 3, 3
+
+
+def diffusion_nll(model, x, masked, K, fused=True):
+    """sum over the masked tokens of -log x_theta(x_l | z_t), per sequence (B,)."""
+    inputs, targets = esolm.diffusion_inputs(x, masked, K)
+    nll = esolm.masked_nll(model, make_args(vocab_size=K, fused=fused), targets, **inputs)
+    return esolm.per_sequence(nll, inputs['select'])
+
+
+def sequential_nll(model, x, masked, order, K, fused=True):
+    """sum over the tokens masked in z_0 of -log x_theta(x_l | z_0, x before l) (B,)."""
+    inputs, targets = esolm.sequential_inputs(x, masked, order, K)
+    nll = esolm.masked_nll(model, make_args(vocab_size=K, fused=fused), targets, **inputs)
+    return esolm.per_sequence(nll, masked)
 
 
 def oracle(seqs, probs, K):
@@ -24,7 +39,7 @@ def oracle(seqs, probs, K):
     loss or sampler that forgets zero masking is caught."""
     L = seqs.shape[1]
 
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
         B, n = x.shape
         assert positions is not None and sigma is None
         if cache is not None:  # queries see every committed key and are causal among themselves
@@ -48,18 +63,18 @@ def oracle(seqs, probs, K):
             cond = conditionals(seqs, probs, tokens.clamp(min=0), tokens >= 0, K)          # (B, L, K)
             out[:, q, :K] = cond[torch.arange(B), positions[:, q]].log()
         out = out if select is None else out[select]
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return model
 
 
 def recorder(model, calls):
     """Wraps a network: records each call's input and keywords, and the full logits."""
     def rec(x, **kw):
-        select, loss = kw.pop('select', None), kw.pop('loss', None)
+        select, head = kw.pop('select', None), kw.pop('head', None)
         out = model(x, **kw)
         calls.append((x.clone(), kw, out))
         out = out if select is None else out[select]
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return rec
 
 
@@ -123,12 +138,12 @@ def test_nelbo_of_exact_conditionals_is_the_nll(alpha0):
             for uj, wj in zip(u, wu):
                 a = alpha0 * (1 - (1 - eps) * (eps + (1 - eps) * uj))
                 p_mask = a ** (L - n_masked) * (1 - a) ** n_masked
-                nll = esolm.diffusion_nll(model, seqs, mask, K)
+                nll = diffusion_nll(model, seqs, mask, K)
                 nelbo += wj * p_mask * alpha0 * (1 - eps) / (1 - a) * nll
         if alpha0 < 1:  # sequential term: E_{z_0} sum_masked -log x_theta(x_l | clean, masked before l)
             p_mask = alpha0 ** (L - n_masked) * (1 - alpha0) ** n_masked
             order = esolm.sort_order(mask, masked_left_to_right=True)
-            nelbo += p_mask * esolm.sequential_nll(model, seqs, mask, order, K)
+            nelbo += p_mask * sequential_nll(model, seqs, mask, order, K)
     expected = expected_nelbo(seqs, probs, seqs, alpha0)
     assert torch.allclose(nelbo, expected, rtol=0, atol=1e-9), (nelbo - expected).abs().max()
     nll = -probs.log()
@@ -144,12 +159,12 @@ def test_eval_nll_and_train_loss_estimate_the_nelbo(alpha0):
     seqs, probs = toy_distribution(K, L, seed=1)
     model = oracle(seqs, probs, K)
     split = 1.0 if alpha0 == 1 else 0.5
-    args = argparse.Namespace(vocab_size=K, alpha0=alpha0, batch_split=split, loss='elbo', iw_orders=0)
+    args = make_args(vocab_size=K, alpha0=alpha0, batch_split=split, loss='elbo', iw_orders=0)
     R, B = 8, 2048
     evals, trains = [], []
     for _ in range(R):
         x = seqs[torch.multinomial(probs, B, replacement=True)]
-        u = ((torch.rand(1) + torch.arange(B)) / B).double()  # GUIDE §1 stratified times
+        u = ((torch.rand(1) + torch.arange(B)) / B).double()  # MATH (4): stratified times
         nll, n = esolm.eval_nll(model, x, u, args)
         assert n == L and nll.shape == (B,)
         evals.append(nll.mean())
@@ -166,7 +181,7 @@ def test_alpha0_zero_is_the_ar_loss():
     the NELBO is the exact AR negative log-likelihood, deterministically."""
     seqs, probs = toy_distribution(K, L, seed=2)
     model = oracle(seqs, probs, K)
-    args = argparse.Namespace(vocab_size=K, alpha0=0.0, batch_split=0.0, loss='low_var')
+    args = make_args(vocab_size=K, alpha0=0.0, batch_split=0.0, loss='low_var')
     nll, n = esolm.eval_nll(model, seqs, torch.rand(len(seqs)), args)
     assert n == L and torch.allclose(nll, -probs.log(), rtol=0, atol=1e-12)
     loss = esolm.train_loss(model, seqs, torch.rand(len(seqs)), args, 0, {})
@@ -178,7 +193,7 @@ def test_importance_weighted_bound_of_exact_conditionals_is_the_nll(alpha0):
     """For exact conditionals p(x | order) = p(x) for every order, so the bound is tight."""
     torch.manual_seed(0)
     seqs, probs = toy_distribution(K, L, seed=3)
-    args = argparse.Namespace(vocab_size=K, alpha0=alpha0, iw_orders=3)
+    args = make_args(vocab_size=K, alpha0=alpha0, iw_orders=3)
     nll, n = esolm.eval_nll(oracle(seqs, probs, K), seqs, torch.rand(len(seqs)), args)
     assert n == L and torch.allclose(nll, -probs.log(), rtol=0, atol=1e-9)
 
@@ -189,7 +204,7 @@ def test_importance_weighted_bound_tightens_with_more_orders():
     torch.manual_seed(0)
     model = tiny_dit(7)
     x = torch.randint(0, 7, (4, 6))
-    args = argparse.Namespace(vocab_size=7, alpha0=0.5, iw_orders=1)
+    args = make_args(vocab_size=7, alpha0=0.5, iw_orders=1)
     torch.manual_seed(1)
     one = torch.stack([esolm.eval_nll(model, x, None, args)[0] for _ in range(16)], 1)
     args.iw_orders = 16
@@ -205,7 +220,7 @@ def test_batch_split_keeps_the_times_stratified():
     torch.manual_seed(0)
     Kb, B, n = 5, 8, 400
     calls = []
-    args = argparse.Namespace(vocab_size=Kb, alpha0=0.5, batch_split=0.5, loss='low_var')
+    args = make_args(vocab_size=Kb, alpha0=0.5, batch_split=0.5, loss='low_var')
     u = (torch.rand(1) + torch.arange(B)) / B
     esolm.train_loss(recorder(tiny_dit(Kb), calls), torch.randint(0, Kb, (B, n)), u, args, 0, {})
     (z, kw, _), (z0x, kw0, _) = calls
@@ -219,7 +234,7 @@ def test_batch_split_keeps_the_times_stratified():
 # what each position may see
 
 def test_sequential_mask_entries():
-    """GUIDE §6, entry by entry: z_0 query i sees itself and x keys j < i; x query i
+    """MATH (31), entry by entry: z_0 query i sees itself and x keys j < i; x query i
     sees x keys j <= i; x never sees z_0."""
     n = 5
     m = esolm.sequential_mask(n, 'cpu')
@@ -245,7 +260,7 @@ def test_sequential_loss_sees_no_later_token_and_no_other_z0_token():
 
     def logits(x, masked):
         calls = []
-        esolm.sequential_nll(recorder(model, calls), x, masked, order, Kb)
+        sequential_nll(recorder(model, calls), x, masked, order, Kb)
         return calls[0][2][0, :n, :Kb]  # z_0 rows, in sorted order (padding columns are -inf)
 
     base = logits(x, masked)
@@ -275,7 +290,7 @@ def test_diffusion_loss_cannot_see_masked_tokens():
     def logits(x):
         calls = []
         torch.manual_seed(2)  # the same random order each time
-        esolm.diffusion_nll(recorder(model, calls), x, masked, Kb)
+        diffusion_nll(recorder(model, calls), x, masked, Kb)
         (z, kw, out), = calls
         assert kw['causal'] and (z == Kb).sum() == masked.sum()
         return out[..., :Kb]
@@ -294,7 +309,7 @@ def test_sampler_reproduces_the_distribution(alpha0):
     torch.manual_seed(0)
     seqs, probs = toy_distribution(K, L, seed=4)
     S = 20000
-    args = argparse.Namespace(vocab_size=K, alpha0=alpha0, steps=1000, cache=True, top_p=1.0, float64=True)
+    args = make_args(vocab_size=K, alpha0=alpha0, steps=1000, cache=True, top_p=1.0, float64=True)
     samples, nfe = esolm.sample(oracle(seqs, probs, K), args, S, L)
     assert nfe <= L
     # TV of an exact sampler with S draws over 27 cells is ~0.015; a wrong one is far above
@@ -312,7 +327,7 @@ def test_sampler_with_prompt_reproduces_the_distribution():
     seqs, probs = toy_distribution(K, L, seed=5)
     S = 20000
     first = seqs[torch.multinomial(probs, S, replacement=True), :1]
-    args = argparse.Namespace(vocab_size=K, alpha0=0.5, steps=500, cache=True, top_p=1.0, float64=True)
+    args = make_args(vocab_size=K, alpha0=0.5, steps=500, cache=True, top_p=1.0, float64=True)
     samples, nfe = esolm.sample(oracle(seqs, probs, K), args, S, L, prompt=first)
     assert torch.equal(samples[:, :1], first) and nfe <= L - 1
     assert total_variation(samples, seqs, probs) < 0.03
@@ -343,7 +358,7 @@ def test_kv_cache_sampling_equals_full_recompute(alpha0):
     Kb, n, length, P = 50, 3, 40, 5
     model = tiny_dit(Kb)
     prompt = torch.randint(0, Kb, (n, P))
-    args = argparse.Namespace(vocab_size=Kb, alpha0=alpha0, steps=25, cache=True, top_p=0.9, float64=True)
+    args = make_args(vocab_size=Kb, alpha0=alpha0, steps=25, cache=True, top_p=0.9, float64=True)
     calls = []
     torch.manual_seed(1)
     a, nfe_a = esolm.sample(recorder(model, calls), args, n, length, prompt)
@@ -382,8 +397,9 @@ def test_flags_and_errors():
                 (dict(alpha0=1.0, batch_split=0.5), '--batch-split'), (dict(alpha0=0.0, batch_split=1.0), '--batch-split'),
                 (dict(alpha0=0.5, batch_split=0.1), '--micro-batch-size'), (dict(time_cond=True), '--time-cond')]
     for bad, needle in bad_args:
-        a = argparse.Namespace(**{**dict(vocab_size=3, alpha0=1.0, batch_split=1.0, loss='low_var'), **bad})
+        a = make_args(**{**dict(vocab_size=3, alpha0=1.0, batch_split=1.0, loss='low_var'), **bad})
         with pytest.raises(ValueError, match=needle):
+            esolm.check_args(a, training=True)
             esolm.train_loss(lambda *a, **k: None, x, u, a, 0, {})
     with pytest.raises(ValueError, match='prompt'):
-        esolm.sample(None, argparse.Namespace(vocab_size=3), 2, 4, prompt=torch.zeros(2, 5, dtype=torch.long))
+        esolm.sample(None, make_args(vocab_size=3), 2, 4, prompt=torch.zeros(2, 5, dtype=torch.long))

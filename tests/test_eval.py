@@ -15,6 +15,9 @@ import eval as evaluation
 import mdlm
 import sample
 import train
+from args import make_args
+from checkpoint import load_model
+from model import cross_entropy
 from toy import conditionals, toy_distribution
 
 K, L = 3, 3
@@ -31,13 +34,13 @@ def toy_stream(seqs, probs, n, seed=0):
 
 def ar_oracle(seqs, probs):
     """Stand-in AR network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
         B, n = x.shape
         padded = torch.cat([x, torch.zeros(B, L - n, dtype=torch.long)], 1)
         out = torch.empty(B, n, K, dtype=torch.float64)
         for l in range(n):
             out[:, l] = conditionals(seqs, probs, padded, (torch.arange(L) <= l).expand(B, L), K)[:, l + 1]
-        return out.log() if loss is None else loss(out.log())
+        return out.log() if head is None else head(out.log())
     return model
 
 
@@ -47,7 +50,11 @@ def mdlm_oracle(seqs, probs):
     table = conditionals(seqs, probs, states, states < K, K).log()
     table = torch.cat([table, torch.full((len(states), L, 1), 5.0, dtype=table.dtype)], -1)
     base = (K + 1) ** torch.arange(L - 1, -1, -1)
-    return lambda z, sigma=None, select=None, loss=None, **kw: (loss or (lambda out: out))(table[(z * base).sum(-1)][select])
+
+    def model(z, sigma=None, select=None, head=None, **kw):
+        out = table[(z * base).sum(-1)][select]
+        return out if head is None else head(out)
+    return model
 
 
 def log_prob(seqs, probs, rows):
@@ -71,7 +78,7 @@ def test_windows_are_consecutive_and_spread_evenly():
 
 
 def test_evaluate_draws_antithetic_times():
-    """u_i = (u + i) / B over each batch (GUIDE §1), a fresh u for each batch and repeat."""
+    """u_i = (u + i) / B over each batch (MATH (4)), a fresh u for each batch and repeat."""
     seen = []
     algo = argparse.Namespace(eval_nll=lambda model, x, u, args: seen.append(u) or (torch.zeros(len(x)), 1))
     evaluation.evaluate(None, algo, argparse.Namespace(device='cpu'), torch.zeros(3, 8, 4, dtype=torch.long), repeats=2)
@@ -85,7 +92,7 @@ def test_ar_estimate_is_the_exact_nll_of_the_windows():
     seqs, probs = toy_distribution(K, L, seed=3)
     rows, stream = toy_stream(seqs, probs, 64)
     batches = evaluation.windows(stream, L, 8, 100)
-    args = argparse.Namespace(device='cpu', vocab_size=K)
+    args = make_args(device='cpu', vocab_size=K)
     per_batch = evaluation.evaluate(ar_oracle(seqs, probs), ar, args, batches)
     # AR scores x_2..x_L given x_1: -log p(x) + log p(x_1), per predicted token
     p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
@@ -102,7 +109,7 @@ def test_mdlm_bound_and_its_interval_cover_the_exact_nll():
     seqs, probs = toy_distribution(K, L, seed=4)
     rows, stream = toy_stream(seqs, probs, 4000)
     batches = evaluation.windows(stream, L, 40, 100)
-    args = argparse.Namespace(device='cpu', vocab_size=K, time_cond=False)
+    args = make_args(device='cpu', vocab_size=K)
     per_batch = evaluation.evaluate(mdlm_oracle(seqs, probs), mdlm, args, batches, repeats=2)
     mean, se, (lo, hi) = evaluation.summarize(per_batch)
     exact = -log_prob(seqs, probs, rows).mean().item() / L  # NLL per token of these very windows
@@ -110,8 +117,11 @@ def test_mdlm_bound_and_its_interval_cover_the_exact_nll():
     assert abs(mean - exact) < 3 * se  # unbiased for the NLL (one draw: 3 SE; coverage: tests/test_bounds.py)
     # a wrong estimator (the low_var loss: weight 1 instead of 1/t) lands far outside it
     def low_var(model, x, u, a):
-        nll, rows, _, _ = mdlm.masked_losses(model, x, u, a)
-        return torch.zeros(x.shape[0], dtype=nll.dtype).index_add_(0, rows, nll), x.shape[1]
+        t = mdlm.EPS + (1 - mdlm.EPS) * u
+        masked = mdlm.corrupt(x, mdlm.schedule(t)[0], K) == K
+        nll = cross_entropy(model(torch.where(masked, K, x), select=masked), x[masked], K)
+        rows = masked.nonzero()[:, 0]
+        return torch.zeros(x.shape[0], dtype=nll.dtype).index_add(0, rows, nll), x.shape[1]
     wrong, _, _ = evaluation.summarize(evaluation.evaluate(
         mdlm_oracle(seqs, probs), argparse.Namespace(eval_nll=low_var), args, batches))
     assert wrong < lo - 0.1
@@ -139,12 +149,12 @@ def ckpts(tmp_path_factory):
 
 def ar_nll_of_windows(ckpt_path, data_dir, block):
     """Independent check: ar.eval_nll over every window of the val split."""
-    model, _ = sample.load_model(ckpt_path, 'cpu')
+    model, _ = load_model(ckpt_path, 'cpu')
     meta = data.load_meta(data_dir)
     val = np.fromfile(f'{data_dir}/val.bin', dtype=meta['dtype']).astype(np.int64)
     n = len(val) // block
     x = torch.from_numpy(val[:n * block]).view(n, block)
-    nll, tokens = ar.eval_nll(model, x, None, None)
+    nll, tokens = ar.eval_nll(model, x, None, make_args(vocab_size=257))
     return nll.sum().item() / (n * tokens), n
 
 
@@ -180,7 +190,7 @@ def test_eval_cli_labels_diffusion_as_a_bound(ckpts, capsys, monkeypatch):
 
 def bigram_judge(P, tok, context):
     """A judge whose next-token law depends on the current token only: P[a, b]."""
-    return sample.Judge('bigram', tok, lambda ids: P.log()[ids], context)
+    return evaluation.Judge('bigram', tok, lambda ids: P.log()[ids], context)
 
 
 def test_judge_nll_is_exact_and_windowing_loses_nothing_for_a_bigram_judge():
@@ -192,26 +202,26 @@ def test_judge_nll_is_exact_and_windowing_loses_nothing_for_a_bigram_judge():
     start = 3
     exact = -sum(P[ids[b, j - 1], ids[b, j]].log().item() for b in range(3) for j in range(start, 11))
     for context in (2, 3, 4, 100):
-        nll, n = sample.judge_nll(bigram_judge(P, tok, context), ids, start)
+        nll, n = evaluation.judge_nll(bigram_judge(P, tok, context), ids, start)
         assert n == 3 * (11 - start) and nll == pytest.approx(exact, rel=1e-12), context
 
 
 def test_unigram_entropy_in_nats():
-    assert sample.unigram_entropy(torch.tensor([0, 0, 1, 1])) == pytest.approx(math.log(2))
-    assert sample.unigram_entropy(torch.tensor([7, 7, 7])) == 0
-    assert sample.unigram_entropy(torch.tensor([0, 1, 2, 3, 3, 3])) == pytest.approx(
+    assert evaluation.unigram_entropy(torch.tensor([0, 0, 1, 1])) == pytest.approx(math.log(2))
+    assert evaluation.unigram_entropy(torch.tensor([7, 7, 7])) == 0
+    assert evaluation.unigram_entropy(torch.tensor([0, 1, 2, 3, 3, 3])) == pytest.approx(
         -(3 * (1 / 6) * math.log(1 / 6) + 0.5 * math.log(0.5)))
 
 
 def test_score_with_the_exact_toy_judge_is_the_true_perplexity():
     seqs, probs = toy_distribution(K, L, seed=5)
     rows, _ = toy_stream(seqs, probs, 50)
-    judge = sample.Judge('toy', data.Tokenizer('toy', None, None, K, 0), ar_oracle(seqs, probs), L)
-    gen_ppl, entropy, n = sample.score(judge, rows, 1, judge.tokenizer)  # first token given
+    judge = evaluation.Judge('toy', data.Tokenizer('toy', None, None, K, 0), ar_oracle(seqs, probs), L)
+    gen_ppl, entropy, n = evaluation.score(judge, rows, 1, judge.tokenizer)  # first token given
     p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
     nll = (-log_prob(seqs, probs, rows) + p1[rows[:, 0]].log()).sum().item()
     assert n == 50 * (L - 1) and gen_ppl == pytest.approx(math.exp(nll / n), rel=1e-10)
-    expected = np.mean([sample.unigram_entropy(r[1:]) for r in rows])
+    expected = np.mean([evaluation.unigram_entropy(r[1:]) for r in rows])
     assert entropy == pytest.approx(expected)
 
 
@@ -219,10 +229,10 @@ def test_other_tokenizer_judge_retokenises_through_text():
     byte = data.get_tokenizer('byte')
     pairs = data.Tokenizer('pairs', lambda s: [hash(s[i:i + 2]) % 90 for i in range(0, len(s), 2)], None, 100, 99)
     row = [256] + list(b'Hi') + list(b'ab cd') + [256] + list(b'e')
-    assert sample.retokenize(row[:3], byte, pairs) == [99] + pairs.encode('Hi')
-    assert sample.retokenize(row[3:], byte, pairs) == pairs.encode('ab cd') + [99] + pairs.encode('e')
-    uniform = sample.Judge('pairs', pairs, lambda ids: torch.zeros(*ids.shape, 100), 4)
-    gen_ppl, _, n = sample.score(uniform, torch.tensor([row]), 3, byte)
+    assert evaluation.retokenize(row[:3], byte, pairs) == [99] + pairs.encode('Hi')
+    assert evaluation.retokenize(row[3:], byte, pairs) == pairs.encode('ab cd') + [99] + pairs.encode('e')
+    uniform = evaluation.Judge('pairs', pairs, lambda ids: torch.zeros(*ids.shape, 100), 4)
+    gen_ppl, _, n = evaluation.score(uniform, torch.tensor([row]), 3, byte)
     assert n == 3 + 1 + 1 and gen_ppl == pytest.approx(100)  # only the generated part is scored
 
 
@@ -235,11 +245,11 @@ def test_sample_cli_judge_steps_list_and_json(ckpts, capsys):
     assert [r['steps'] for r in recs] == [2, 6] and all(r['nfe'] <= r['steps'] + 1 for r in recs)
     assert '| steps | nfe | seconds | gen_ppl | entropy_nats |' in out and '--- sample' not in out
     # same tokenizer: Gen PPL is exp of ar.eval_nll on the same tokens (the start token is context)
-    model, _ = sample.load_model(judge, 'cpu')
-    nll, per_seq = ar.eval_nll(model, tokens, None, None)
+    model, _ = load_model(judge, 'cpu')
+    nll, per_seq = ar.eval_nll(model, tokens, None, make_args(vocab_size=257))
     assert recs[-1]['gen_ppl'] == pytest.approx(math.exp(nll.sum().item() / (3 * per_seq)), rel=1e-5)
     assert recs[-1]['judge_tokens'] == 3 * 19
-    assert recs[-1]['entropy_nats'] == pytest.approx(np.mean([sample.unigram_entropy(r[1:]) for r in tokens]))
+    assert recs[-1]['entropy_nats'] == pytest.approx(np.mean([evaluation.unigram_entropy(r[1:]) for r in tokens]))
     # a single --steps value keeps the plain (tokens, NFE) result and no table
     sample.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--steps', '4', '--num-samples', '1', '--length', '8'])
     assert '| steps' not in capsys.readouterr().out

@@ -1,6 +1,5 @@
-"""The fused output layer + loss (model.Loss, --fused) against the plain path:
-the same loss and the same gradients for every method, in float64."""
-import argparse
+"""The fused output layer + loss (fused.py, --fused) against the plain path of each method
+file: the same loss and the same gradients for every method, in float64."""
 
 import pytest
 import torch
@@ -9,12 +8,14 @@ import ar
 import duo
 import esolm
 import mdlm
+import fused
 import model as M
-from model import DiT, Loss, get_config
+from model import DiT, get_config
 from test_ar import oracle as ar_oracle
 from test_duo import noisy_oracle
 from test_mdlm import oracle as mdlm_oracle
 from toy import toy_distribution
+from args import make_args
 
 K, B, L = 37, 3, 12  # vocabulary padded to 128: the -inf columns are exercised
 
@@ -22,7 +23,7 @@ K, B, L = 37, 3, 12  # vocabulary padded to 128: the -inf columns are exercised
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 7 rows: N is never a multiple, and no call sees more than 7 rows."""
-    monkeypatch.setattr(M, 'CHUNK', 7)
+    monkeypatch.setattr(fused, 'CHUNK', 7)
 
 
 def random_dit(vocab, seed=0):
@@ -55,7 +56,7 @@ def assert_same(algo, net, args, tol=1e-10):
 
 
 def ns(**kw):
-    return argparse.Namespace(vocab_size=K, **kw)
+    return make_args(vocab_size=K, **kw)
 
 
 def test_ar_fused_equals_plain():
@@ -82,8 +83,9 @@ def test_duo_fused_equals_plain(curriculum, monkeypatch):  # the NELBO, and the 
 
 
 def test_duo_hand_gradient_is_the_autograd_one():
-    """d NELBO / d logits by hand (nelbo_per_token, grad=True) against autograd of the
-    value, at extreme alpha, x == z and x != z, with -inf padding columns."""
+    """fused.duo_nelbo_grad: the stable rewrite's value and its hand gradient in the logits,
+    against duo.nelbo (the readable form) and its autograd gradient, at extreme alpha, x == z
+    and x != z, with -inf padding columns."""
     g = torch.Generator().manual_seed(0)
     Kd, V, N = 5, 8, 40
     logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
@@ -93,39 +95,42 @@ def test_duo_hand_gradient_is_the_autograd_one():
     z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kd, (N,), generator=g))
     a = torch.tensor([1e-5, 1e-3, 0.3, 0.9, 1 - 1e-4], dtype=torch.float64).repeat(N // 5)
     da = torch.full((N,), -(1 - duo.EPS), dtype=torch.float64)
-    value = duo.nelbo_per_token(logits + pad, x, z, a, da, Kd)
+    value = duo.nelbo(logits + pad, x, z, a, da, Kd)
     (auto,) = torch.autograd.grad(value.sum(), logits)
     with torch.no_grad():
-        loss, hand = duo.nelbo_per_token(logits + pad, x, z, a, da, Kd, grad=True)
-    assert torch.allclose(loss, value.detach(), rtol=1e-12, atol=1e-13), (loss - value).abs().max()
-    assert torch.allclose(hand, auto, rtol=1e-9, atol=1e-9), (hand - auto).abs().max()  # |grad| up to 1e4
+        loss, hand = fused.duo_nelbo_grad(logits + pad, x, z, a, da, Kd)
+    assert torch.allclose(loss, value.detach(), rtol=1e-9, atol=1e-10), (loss - value).abs().max()
+    assert torch.allclose(hand, auto, rtol=1e-9, atol=1e-9), (hand - auto).abs().max()  # to 1e4
     assert (hand[:, Kd:] == 0).all()
 
 
 def test_weighted_rows_chunked_and_without_grad():
-    """Per-row weights, N = 23 rows in chunks of 7, and the no-grad per-row values;
-    the loss kind never sees more than a chunk of logits."""
+    """A head's weighted sum and gradients against autograd of the plain cross-entropy, N = 23
+    rows in chunks of 7; Rows' per-row values without grad; the loss function never sees more
+    than a chunk of logits."""
     g = torch.Generator().manual_seed(0)
-    N, d, V = 23, 6, 19
+    N, d, V, Kc = 23, 6, 19, 17   # columns Kc.. are dropped (a [MASK] and padding)
     h = torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
-    t, w = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g, dtype=torch.float64)
+    t = torch.randint(0, Kc, (N,), generator=g)
+    w = torch.rand(N, generator=g, dtype=torch.float64)
     seen = []
 
-    def spy(logits, targets, grad=False):
+    def spy(logits, targets, K):
         seen.append(len(logits))
-        return M.cross_entropy(logits, targets, grad)
-    out = [Loss(spy, t, weight=w, fused=fused)(h, W, b) for fused in (False, True)]
-    assert max(seen[1:]) == 7 and seen[0] == N
-    grads = [torch.autograd.grad(o, (h, W, b)) for o in out]
-    assert torch.allclose(out[0], out[1], rtol=1e-12)
-    for a, c in zip(*grads):
+        return fused.cross_entropy_grad(logits, targets, K)
+    plain = (w * M.cross_entropy(torch.nn.functional.linear(h, W, b), t, Kc)).sum()
+    chunked = fused.Head(spy, w, t, Kc)(h, W, b)
+    assert max(seen) == 7 and len(seen) == 4
+    assert torch.allclose(plain, chunked, rtol=1e-12)
+    for a, c in zip(torch.autograd.grad(plain, (h, W, b)), torch.autograd.grad(chunked, (h, W, b))):
         assert torch.allclose(a, c, rtol=1e-10, atol=1e-13)
-    with torch.no_grad():
-        rows = [Loss(M.cross_entropy, t, fused=fused)(h, W, b) for fused in (False, True)]
-    assert rows[1].shape == (N,) and torch.allclose(rows[0], rows[1], rtol=1e-12)
-    empty = Loss(M.cross_entropy, t[:0], weight=w[:0])(h[:0], W, b)   # nothing masked: loss 0, no gradient
+    rows = fused.Rows(M.cross_entropy, t, Kc)(h, W, b)
+    assert rows.shape == (N,) and not rows.requires_grad
+    assert torch.allclose(rows, M.cross_entropy(torch.nn.functional.linear(h, W, b), t, Kc),
+                          rtol=1e-12)
+    empty = fused.cross_entropy(t[:0], Kc, w[:0])(h[:0], W, b)  # nothing masked: 0, no gradient
     assert empty.item() == 0 and (torch.autograd.grad(empty, W)[0] == 0).all()
 
 
@@ -133,10 +138,10 @@ def with_bias(oracle):
     """A toy oracle plus a learnable logit bias theta, so there is a gradient to compare."""
     theta = torch.zeros(8, dtype=torch.float64, requires_grad=True)
 
-    def net(x, loss=None, **kw):
+    def net(x, head=None, **kw):
         out = oracle(x, **kw)
         out = out + theta[:out.shape[-1]]
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return net, theta
 
 
@@ -174,16 +179,18 @@ def test_fused_step_saves_no_logits(name, monkeypatch):
     the logits), and no tensor kept alive only through a view (v of the qkv output pinned all three)."""
     algo = {'ar': ar, 'mdlm': mdlm, 'esolm': esolm, 'duo': duo}[name]
     Kv = 500  # padded to 512: no other dimension of the tiny network
-    args = argparse.Namespace(vocab_size=Kv, loss='low_var', time_cond=False, alpha0=1.0, batch_split=1.0,
-                              iw_orders=0, curriculum_steps=0, tau=0.1, gamma_min=None, gamma_max=None, distill_from=None)
+    args = make_args(vocab_size=Kv, tau=0.1)
     net = random_dit(algo.vocab_size(Kv)).float()
-    V, x = net.cfg.padded_vocab, torch.randint(0, Kv, (4, 64))
-    for fused in (True, False):
-        args.fused, saved = fused, []
+    V = net.cfg.padded_vocab
+    x = torch.randint(0, Kv, (4, 64))
+    for on in (True, False):
+        args.fused = on
+        saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             algo.train_loss(net, x, (torch.rand(1) + torch.arange(4)) / 4, args, 0, {})
-        logits = [t for t in saved if t.shape[-1] == V and t.numel() > M.CHUNK * V]
-        assert (not logits) == fused, [t.shape for t in logits]
+        # (rows x vocabulary): the logits, or the log-probabilities over the K real ids
+        logits = [t for t in saved if t.shape[-1] >= Kv and t.numel() > fused.CHUNK * V]
+        assert (not logits) == on, [t.shape for t in logits]
     pinned = [t for t in saved if t.numel() > 4 * x.numel()  # per-token tensors (not adaLN's per-sequence views)
               and t.untyped_storage().nbytes() >= 3 * t.numel() * t.element_size()]
     assert not pinned, [t.shape for t in pinned]  # a saved view holding a storage 3x its size

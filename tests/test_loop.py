@@ -18,23 +18,24 @@ STEPS, WARMUP, LR, MIN_LR = 11, 3, 1e-3, 1e-4
 
 def recorded_run(out_dir, *extra):
     """train.main on the tiny AR model, global batch 4 in two micro-steps of 2; returns
-    the trainer, each train_loss call (step, x, u), each eval_nll call's x, and at each
+    the run, each train_loss call (step, x, u), each eval_nll call's x, and at each
     optimizer step the lr, weights before it and gradients it receives."""
-    calls, evals, steps, trainers = [], [], [], []
-    real_setup, real_loss, real_eval = train.Trainer.setup_model, ar.train_loss, ar.eval_nll
+    calls, evals, steps, runs = [], [], [], []
+    real_setup, real_loss, real_eval = train.setup, ar.train_loss, ar.eval_nll
 
-    def setup_model(self):
-        real_setup(self)
-        trainers.append(self)
-        real_step = self.opt.step
+    def setup(args):
+        run = real_setup(args)
+        runs.append(run)
+        real_step = run.opt.step
 
         def step(*a, **k):
-            named = list(self.raw.named_parameters())
-            steps.append(dict(lr=[g['lr'] for g in self.opt.param_groups],
+            named = list(run.raw.named_parameters())
+            steps.append(dict(lr=[g['lr'] for g in run.opt.param_groups],
                               weights={n: p.detach().clone() for n, p in named},
                               grads={n: p.grad.clone() for n, p in named}))
             return real_step(*a, **k)
-        self.opt.step = step
+        run.opt.step = step
+        return run
 
     def train_loss(model, x, u, a, step, state):
         calls.append(dict(step=step, x=x.clone(), u=u.clone()))
@@ -44,11 +45,11 @@ def recorded_run(out_dir, *extra):
         evals.append(x.clone())
         return real_eval(model, x, u, a)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.Trainer, 'setup_model', setup_model)
+        mp.setattr(train, 'setup', setup)
         mp.setattr(ar, 'train_loss', train_loss)
         mp.setattr(ar, 'eval_nll', eval_nll)
         train.main(TINY + ['--micro-batch-size', '2', '--out-dir', str(out_dir), *extra])
-    return trainers[0], calls, evals, steps
+    return runs[0], calls, evals, steps
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +65,7 @@ def direct_gradient(trainer, weights, x):
     """d/dW of the mean next-token loss over the whole global batch x, computed here."""
     net = DiT(trainer.cfg)
     net.load_state_dict(weights)
-    ar.train_loss(net, x, None, None, 0, {}).backward()
+    ar.train_loss(net, x, None, trainer.args, 0, {}).backward()
     return {n: p.grad for n, p in net.named_parameters()}
 
 
@@ -127,20 +128,18 @@ def test_validation_reads_the_val_split(run):
 
 
 def test_ssl_ratio_cuts_that_fraction_of_training_batches():
-    args = train.parse_args(TINY + ['--algo', 'mdlm', '--ssl-ratio', '0.1'])
-    trainer = train.Trainer(args)
-    trainer.setup_data()
-    lengths = [trainer.batch('train', step, 0, 1)[0].shape[1] for step in range(1000)]
+    run = train.setup(train.parse_args(TINY + ['--algo', 'mdlm', '--ssl-ratio', '0.1']))
+    lengths = [train.get_batch(run, 'train', step, 0, 1)[0].shape[1] for step in range(1000)]
     cut = sum(n < 32 for n in lengths) / 1000  # a cut to a length in [2, 32] leaves 32 with prob 1/31
     assert 0.1 * 30 / 31 - 0.05 < cut < 0.1 * 30 / 31 + 0.05  # 5 sigma = 0.047
     assert min(lengths) >= 2 and len(set(lengths)) > 20
-    assert all(trainer.batch('val', i, 0, 1)[0].shape[1] == 32 for i in range(100))  # never validation
+    assert all(train.get_batch(run, 'val', i, 0, 1)[0].shape[1] == 32 for i in range(100))  # never val
 
 
 def test_resume_restores_best_val(tmp_path, monkeypatch, capsys):
     """The best validation loss so far survives a resume, here one seen before the checkpoint."""
     val_at = {0: 9.0, 2: 1.0, 4: 5.0, 6: 3.0}
-    monkeypatch.setattr(train.Trainer, 'evaluate', lambda self: val_at[self.step])
+    monkeypatch.setattr(train, 'evaluate', lambda run: val_at[run.step])
     args = TINY + ['--eval-interval', '2', '--out-dir', str(tmp_path)]
     train.main(args + ['--max-iters', '4'])
     train.main(args + ['--max-iters', '6', '--resume'])  # evaluates at 4 and 6 only

@@ -10,6 +10,7 @@ import ar
 import mdlm
 from model import DiT, get_config
 from toy import conditionals, entropy, toy_distribution, total_variation
+from args import make_args
 
 
 def oracle(seqs, probs, K):
@@ -23,11 +24,11 @@ def oracle(seqs, probs, K):
     table = torch.cat([table, torch.full((len(states), L, 1), 5.0, dtype=table.dtype)], -1)
     base = (K + 1) ** torch.arange(L - 1, -1, -1)
 
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, loss=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
         assert not causal and mask is None and cache is None and positions is None
         out = table[(z * base).sum(-1)]
         out = out if select is None else out[select]
-        return out if loss is None else loss(out)
+        return out if head is None else head(out)
     return model
 
 
@@ -62,12 +63,12 @@ def test_nelbo_of_exact_denoiser_is_the_entropy(K, L):
     NELBO equals H(p) up to its standard error (eval_nll has no eps truncation)."""
     torch.manual_seed(0)
     seqs, probs = toy_distribution(K, L, seed=3)
-    model, args = oracle(seqs, probs, K), argparse.Namespace(vocab_size=K, loss='low_var')
+    model, args = oracle(seqs, probs, K), make_args(vocab_size=K, loss='low_var')
     R, B = 32, 16384  # R independent replicates, each with antithetic times over its batch
     means = []
     for _ in range(R):
         x = seqs[torch.multinomial(probs, B, replacement=True)]
-        u = (torch.rand(1) / B + torch.arange(B) / B) % 1  # GUIDE §1 stratified times
+        u = (torch.rand(1) / B + torch.arange(B) / B) % 1  # MATH (4): stratified times
         nll, n = mdlm.eval_nll(model, x, u, args)
         assert n == L and nll.shape == (B,)
         means.append(nll.double().mean())
@@ -86,7 +87,7 @@ def test_low_var_and_elbo_differ_only_by_the_weight():
     model = recorder(net, calls)
     x = torch.randint(0, K, (4, 32))
     u = torch.tensor([0.1, 0.4, 0.6, 0.9])
-    args = argparse.Namespace(vocab_size=K, loss='low_var', time_cond=False)
+    args = make_args(vocab_size=K, loss='low_var', time_cond=False)
     torch.manual_seed(5)
     low = mdlm.train_loss(model, x, u, args, 0, {})
     args.loss = 'elbo'
@@ -107,7 +108,7 @@ def test_low_var_and_elbo_differ_only_by_the_weight():
 
 def test_time_conditioning_passes_sigma():
     K, calls = 5, []
-    args = argparse.Namespace(vocab_size=K, loss='low_var', time_cond=True)
+    args = make_args(vocab_size=K, loss='low_var', time_cond=True)
     u = torch.tensor([0.2, 0.7])
     mdlm.train_loss(recorder(tiny_dit(K), calls), torch.randint(0, K, (2, 8)), u, args, 0, {})
     t = 1e-3 + (1 - 1e-3) * u
@@ -125,7 +126,7 @@ def test_samplers_reproduce_the_distribution():
     K, L, S = 3, 3, 20000
     seqs, probs = toy_distribution(K, L, seed=2)
     model = oracle(seqs, probs, K)
-    args = argparse.Namespace(vocab_size=K, steps=500, cache=False, top_p=1.0, float64=True)
+    args = make_args(vocab_size=K, steps=500, cache=False, top_p=1.0, float64=True)
     torch.manual_seed(0)
     x, nfe = mdlm.sample(model, args, S, L)
     assert nfe <= 501
@@ -154,7 +155,7 @@ def test_top_p_keeps_only_the_nucleus():
     """T = 1 from all-[MASK]: each token comes from its marginal; top-p -> 0 keeps the mode."""
     K, L = 3, 3
     seqs, probs = toy_distribution(K, L, seed=2)
-    args = argparse.Namespace(vocab_size=K, steps=1, cache=True, top_p=1e-9, float64=True)
+    args = make_args(vocab_size=K, steps=1, cache=True, top_p=1e-9, float64=True)
     torch.manual_seed(0)
     x, nfe = mdlm.sample(oracle(seqs, probs, K), args, 50, L)
     assert torch.equal(x, marginals(seqs, probs, K).argmax(-1).expand(50, L)) and nfe == 1
@@ -167,7 +168,7 @@ def test_cached_equals_uncached_and_tokens_are_kept():
     keep = torch.zeros(n, length, dtype=torch.bool)
     keep[:, 15:18] = True  # infill around positions 15-17
     tokens = torch.randint(0, K, (n, length))
-    args = argparse.Namespace(vocab_size=K, steps=64, cache=True, top_p=0.9, float64=True)
+    args = make_args(vocab_size=K, steps=64, cache=True, top_p=0.9, float64=True)
     out = {}
     for cache in (True, False):
         calls = []
@@ -194,7 +195,7 @@ def test_reveals_per_step_follow_the_schedule():
     schedule, so the samplers' distribution tests cannot see a wrong one.)"""
     K, T, n, length, calls = 5, 8, 4000, 4, []
     uniform = lambda z, sigma=None, select=None, **kw: torch.zeros(int(select.sum()), K + 1)
-    args = argparse.Namespace(vocab_size=K, steps=T, cache=False, top_p=1.0, float64=True)
+    args = make_args(vocab_size=K, steps=T, cache=False, top_p=1.0, float64=True)
     torch.manual_seed(0)
     mdlm.sample(recorder(uniform, calls), args, n, length)
     masked = [int((z == K).sum()) for z, _ in calls] + [0] * (T + 2 - len(calls))  # still masked at each step
@@ -211,7 +212,7 @@ def test_noise_removal_fills_what_is_left(monkeypatch):
     K, calls = 7, []
     rand = torch.rand
     monkeypatch.setattr(torch, 'rand', lambda *a, **kw: torch.full_like(rand(*a, **kw), 1 - 1e-12))
-    args = argparse.Namespace(vocab_size=K, steps=10, cache=True, top_p=1.0, float64=True)
+    args = make_args(vocab_size=K, steps=10, cache=True, top_p=1.0, float64=True)
     x, nfe = mdlm.sample(recorder(tiny_dit(K), calls), args, 2, 12)
     assert nfe == 1 and x.max() < K
     args.cache = False
@@ -220,7 +221,7 @@ def test_noise_removal_fills_what_is_left(monkeypatch):
 
 
 def test_cache_is_refused_with_time_conditioning():
-    args = argparse.Namespace(vocab_size=5, steps=4, cache=True, time_cond=True)
+    args = make_args(vocab_size=5, steps=4, cache=True, time_cond=True)
     with pytest.raises(ValueError, match='time'):
         mdlm.sample(tiny_dit(5), args, 2, 8)
     args.cache = False  # the plain ancestral sampler passes sigma_t = -log alpha_t
@@ -236,7 +237,7 @@ def test_semi_autoregressive_beyond_the_context(monkeypatch):
     windows, calls = [], []
     denoise = mdlm.denoise
     monkeypatch.setattr(mdlm, 'denoise', lambda model, args, z, *a: windows.append(z.clone()) or denoise(model, args, z, *a))
-    args = argparse.Namespace(vocab_size=K, steps=8, cache=True, top_p=1.0, float64=True,
+    args = make_args(vocab_size=K, steps=8, cache=True, top_p=1.0, float64=True,
                               block_size=context, stride=stride)
     prompt = torch.randint(0, K, (n, 3))
     keep = torch.zeros(n, length, dtype=torch.bool)
@@ -262,7 +263,7 @@ def test_semi_autoregressive_beyond_the_context(monkeypatch):
 
 def test_bad_input_and_contract():
     K = 5
-    args = argparse.Namespace(vocab_size=K, steps=4, cache=True, block_size=8, stride=8)
+    args = make_args(vocab_size=K, steps=4, cache=True, block_size=8, stride=8)
     model = tiny_dit(K)
     with pytest.raises(ValueError, match='stride'):
         mdlm.sample(model, args, 2, 20)

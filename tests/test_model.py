@@ -93,7 +93,7 @@ def test_size_ladder():
 
 def test_flops_match_the_seed():
     """Forward FLOPs per sequence at context 2048 with the seed's 32001-token vocabulary,
-    as its configs/flops/*.json record them (GUIDE §7), within 0.5%."""
+    as its configs/flops/*.json record them (MATH (36)), within 0.5%."""
     seed = {'6M': 5.3026e10, '19M': 1.0860e11, '113M': 4.4941e11, '472M': 1.6187e12, '2121M': 6.8054e12}
     for size, flops in seed.items():
         per_seq = M.flops_per_token(get_config(size, 32001), 2048) * 2048

@@ -22,6 +22,7 @@ from test_esolm import oracle as esolm_oracle
 from test_mdlm import oracle as mdlm_oracle
 from test_mdlm import recorder
 from toy import toy_distribution, total_variation
+from args import make_args
 
 METHODS = {'ar': ar, 'mdlm': mdlm, 'duo': duo, 'esolm': esolm}
 
@@ -29,7 +30,7 @@ METHODS = {'ar': ar, 'mdlm': mdlm, 'duo': duo, 'esolm': esolm}
 def args_for(**kw):
     base = dict(vocab_size=20, steps=4, cache=True, top_p=1.0, float64=True, temperature=1.0,
                 greedy_tail=False, alpha0=0.5, block_size=None, stride=None)
-    return argparse.Namespace(**{**base, **kw})
+    return make_args(**{**base, **kw})
 
 
 def random_net(module, K, seed=0):
@@ -75,7 +76,7 @@ def test_duo_keeps_every_given_token_and_ar_every_prompt_token():
     prompt = torch.randint(0, K, (n, 3))
     x, nfe = ar.sample(random_net(ar, K), args_for(), n, L, prompt)
     assert torch.equal(x[:, :3], prompt) and nfe == L - 3
-    with pytest.raises(ValueError, match='no fixed='):
+    with pytest.raises(ValueError, match='cannot fill gaps'):
         ar.sample(random_net(ar, K), args_for(), n, L, prompt, fixed=(tokens, given))
     with pytest.raises(ValueError, match='same number of clean tokens'):  # Eso-LM decides rows in lockstep
         esolm.sample(random_net(esolm, K), args_for(), n, L, fixed=(tokens, given))

@@ -1,4 +1,5 @@
 """The trainer end to end on a tiny model: learning, resume, DDP, errors."""
+import argparse
 import importlib
 import json
 import math
@@ -108,13 +109,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def rank_val(argv, ckpt, rank, world):
     """The validation loss that rank `rank` of `world` computes on its rows, before the all-reduce."""
-    trainer = train.Trainer(train.parse_args(argv))
-    trainer.rank, trainer.world = rank, world
-    trainer.setup_data()
-    trainer.plan(data.get_tokenizer('byte').vocab_size)
-    trainer.model, trainer.ema = DiT(trainer.cfg), None
-    trainer.model.load_state_dict(ckpt['model'])
-    return trainer.evaluate()
+    run = train.setup(train.parse_args(argv))
+    run.rank = rank
+    run.args = argparse.Namespace(**{**vars(run.args), 'world_size': world})
+    run.model.load_state_dict(ckpt['model'])
+    return train.evaluate(run)
 
 
 def test_ddp_two_ranks_equal_one_rank_with_two_micro_steps(tmp_path):

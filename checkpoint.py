@@ -1,0 +1,82 @@
+"""A run's files: the checkpoint, the log and the out-dir, written so that no crash corrupts them.
+
+A checkpoint is one dict of plain tensors and numbers (model, optimizer, ema, step, args, algo,
+config, meta, best_val_loss), loaded with torch.load(weights_only=True), which runs no code. Every
+file is written to a temporary name and renamed: a crash leaves the old file or the new one,
+never half of one. train.py, sample.py, eval.py and scaling.py read checkpoints through here.
+"""
+import contextlib
+import json
+import os
+
+import torch
+
+from model import DiT, Config
+
+KEYS = {'model', 'config', 'args', 'algo', 'step', 'meta'}
+
+
+def load_checkpoint(path, algo=None):
+    """A train.py checkpoint, or one line that says why not (a missing, truncated or foreign
+    file; another method than `algo`)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at '{path}'")
+    try:  # plain tensors only: runs no code
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, or not a torch file
+        raise SystemExit(f"'{path}' is not a readable checkpoint ({type(e).__name__}): "
+                         f"pass a ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or not KEYS <= set(ckpt):
+        raise SystemExit(f"'{path}' holds no train.py checkpoint: pass a ckpt.pt written by "
+                         f"train.py")
+    if algo is not None and ckpt['algo'] != algo:
+        raise SystemExit(f"'{path}' is a checkpoint of --algo {ckpt['algo']}, not {algo}: "
+                         f"pass --algo {ckpt['algo']} or another checkpoint")
+    return ckpt
+
+
+def load_model(path, device):
+    """The network of a checkpoint, in eval mode (its EMA weights when it has them), and the
+    checkpoint."""
+    ckpt = load_checkpoint(path)
+    model = DiT(Config(**ckpt['config']))
+    model.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def save_checkpoint(ckpt, path):
+    tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)              # atomic
+
+
+def append_log(out_dir, record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def trim_log(out_dir, step):
+    """Keep the log rows written before `step`, the step a run starts from (0 for a new run),
+    so that a resumed run logs as one; its evaluation at that step runs again."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    with open(path, 'a+') as f:
+        f.seek(0)  # a last line cut short by a kill has no newline
+        rows = [json.loads(line) for line in f if line.endswith('\n')]
+    rows = [r for r in rows
+            if r.get('step', 0) < step or (r.get('step') == step and 'val_loss' not in r)]
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(tmp, path)  # atomic
+
+
+def check_out_dir(args):
+    """Never replace a run by accident; refuse a folder that cannot be written, now."""
+    if os.path.exists(os.path.join(args.out_dir, 'ckpt.pt')) and not (args.resume or
+                                                                       args.overwrite):
+        raise SystemExit(f'{args.out_dir} holds a run (ckpt.pt): pass --resume to continue it, '
+                         f'--overwrite to start over, or another --out-dir')
+    with contextlib.suppress(OSError):
+        os.makedirs(args.out_dir, exist_ok=True)
+    if not os.access(args.out_dir, os.W_OK) or not os.path.isdir(args.out_dir):
+        raise SystemExit(f'cannot write to --out-dir {args.out_dir}: pass another --out-dir')
