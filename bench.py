@@ -1,8 +1,8 @@
 """Speed: training tokens/s and MFU, sampling seconds with and without cache.
 
     python bench.py --algo ar mdlm duo esolm esolm:alpha0=0.5,batch_split=0.5 --no-sample
-    python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte --sample-length 1024 \\
-        --no-train
+    python bench.py --algo esolm:steps=16384 mdlm ar --size mini --tokenizer byte \\
+        --sample-length 1024 --no-train
     python bench.py --algo ar --size 113M --block-size 1024 --batch-size 16 --compile --json
     python bench.py --algo ar ar:fused=False mdlm --profile --mem --mem-steps 1 --no-sample
 
@@ -30,27 +30,37 @@ from train import compile_model
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--algo', nargs='+', default=['ar'], help='NAME[:option=value,...] (several: compared)')
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--algo', nargs='+', default=['ar'],
+                   help='NAME[:option=value,...] (several: compared)')
     p.add_argument('--size', default='6M')
-    p.add_argument('--tokenizer', default='gpt2', help='sets the vocabulary size only (default: gpt2)')
+    p.add_argument('--tokenizer', default='gpt2',
+                   help='sets the vocabulary size only (default: gpt2)')
     p.add_argument('--block-size', type=int, default=256)
     p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--iters', type=int, default=5, help='timed training steps per round (the median counts)')
-    p.add_argument('--rounds', type=int, default=2, help='interleaved rounds; each figure is the best')
+    p.add_argument('--iters', type=int, default=5,
+                   help='timed training steps per round (the median counts)')
+    p.add_argument('--rounds', type=int, default=2,
+                   help='interleaved rounds; each figure is the best')
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
     p.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--compile', action='store_true')
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
-                   help='output layer + loss without all the logits (default: on; per entry: fused=False)')
-    p.add_argument('--profile', action='store_true', help='shares: blocks, output layer + loss, optimizer')
-    p.add_argument('--mem', action='store_true', help='peak memory of a step, and resident after --mem-steps')
-    p.add_argument('--mem-steps', type=int, default=300, help='steps of --mem\'s second run (default: 300; 1: none)')
+                   help='output layer + loss without all the logits '
+                        '(default: on; per entry: fused=False)')
+    p.add_argument('--profile', action='store_true',
+                   help='shares: blocks, output layer + loss, optimizer')
+    p.add_argument('--mem', action='store_true',
+                   help='peak memory of a step, and resident after --mem-steps')
+    p.add_argument('--mem-steps', type=int, default=300,
+                   help='steps of --mem\'s second run (default: 300; 1: none)')
     p.add_argument('--train', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample', action=argparse.BooleanOptionalAction, default=True)
     p.add_argument('--sample-length', type=int, default=256)
     p.add_argument('--num-samples', type=int, default=1)
-    p.add_argument('--steps', type=int, default=None, help='sampling steps (default: the sample length)')
+    p.add_argument('--steps', type=int, default=None,
+                   help='sampling steps (default: the sample length)')
     add_sampling_args(p)
     p.add_argument('--json', action='store_true', help='one JSON object per --algo entry')
     add_method_args(p)
@@ -58,7 +68,8 @@ def get_parser():
 
 
 def check_args(args):  # every flag at parse time: one line naming the fix
-    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1, mem_steps=1, steps=1)
+    least = dict(block_size=2, sample_length=2, batch_size=1, iters=1, rounds=1, num_samples=1,
+                 mem_steps=1, steps=1)
     for k, v in least.items():
         if getattr(args, k) is not None and getattr(args, k) < v:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
@@ -99,7 +110,8 @@ def setup(spec, args):
     torch.manual_seed(0)
     cfg = get_config(args.size, algo.vocab_size(args.vocab_size))
     model = DiT(cfg).to(args.device)
-    for p in model.parameters():  # random weights (not the zero init), so samplers see varied outputs
+    # random weights (not the zero init), so samplers see varied outputs
+    for p in model.parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.02)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
@@ -120,12 +132,14 @@ def train_step(r, model=None):
 
 
 def train_seconds(r, args):  # median seconds of one optimizer step (forward, backward, AdamW)
-    return sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))[args.iters // 2]
+    seconds = sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))
+    return seconds[args.iters // 2]
 
 
 def profile(r, args):
     """Shares of a step: the blocks (a step with a free stand-in for output layer + loss, less the
-    optimizer), output layer + loss (forward and backward again on the inputs it had), the optimizer."""
+    optimizer), output layer + loss (forward and backward again on the inputs it had), the
+    optimizer."""
     heads = []
 
     def stand_in(x, loss=None, **kw):
@@ -141,40 +155,56 @@ def profile(r, args):
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
     opt, _ = timed(r['opt'].step, args.device)
     r['opt'].zero_grad(set_to_none=True)
-    return {'share_blocks': (step - opt) / (step + head), 'share_output_layer_loss': head / (step + head),
+    return {'share_blocks': (step - opt) / (step + head),
+            'share_output_layer_loss': head / (step + head),
             'share_optimizer': opt / (step + head)}
 
 
-def peak_memory(spec, args):  # in a fresh process (bytes): the peak of one step, what was resident before it
+def resident_bytes():  # this process's resident set size (RSS)
+    return int(open('/proc/self/statm').read().split()[1]) * getpagesize()
+
+
+# in a fresh process (bytes): the peak of one step, what was resident before it
+def peak_memory(spec, args):
     r, cuda = setup(spec, args), args.device.startswith('cuda')
-    if not cuda:  # glibc now unmaps every freed block >= 128 KiB: RSS follows the live tensors, as on a GPU
+    if not cuda:
+        # glibc now unmaps every freed block >= 128 KiB: RSS follows the live tensors, as on a GPU
         ctypes.CDLL(None).mallopt(-3, 2 ** 17)  # M_MMAP_THRESHOLD
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # the peak RSS (VmHWM) restarts here: model and optimizer included
-    before = torch.cuda.memory_allocated() if cuda else int(open('/proc/self/statm').read().split()[1]) * getpagesize()
+    before = torch.cuda.memory_allocated() if cuda else resident_bytes()
     train_step(r)
-    return dict(mem_before_step=before, peak_mem_step=torch.cuda.max_memory_allocated() if cuda else
-                int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+    return dict(mem_before_step=before, peak_mem_step=peak)
 
 
-def resident_memory(spec, args):  # in a fresh process, the default allocator: does the heap grow over steps?
+# in a fresh process, the default allocator: does the heap grow over steps?
+def resident_memory(spec, args):
     r, out = setup(spec, args), {}
     for step in range(1, args.mem_steps + 1):
         train_step(r)
         if step in (20, args.mem_steps):
-            out[f'rss_after_{step}_steps'] = int(open('/proc/self/statm').read().split()[1]) * getpagesize()
+            out[f'rss_after_{step}_steps'] = resident_bytes()
     return out
 
 
 def sample_once(r, cache):
     """Seconds and NFE of one sampling run: a start token, then sample_length - 1 new tokens."""
     args, algo, model = r['args'], r['algo'], r['model'].eval()
-    args.cache, args.block_size = cache, max(args.block_size, args.sample_length)  # one window: no strides
+    args.cache = cache
+    args.block_size = max(args.block_size, args.sample_length)  # one window: no strides
     torch.manual_seed(0)
     prompt = torch.zeros(args.num_samples, 1, dtype=torch.long, device=args.device)
+
+    def draw():
+        return algo.sample(model, args, args.num_samples, args.sample_length, prompt,
+                           device=args.device)
+
     with r['autocast'], torch.no_grad():
-        seconds, (_, nfe) = timed(lambda: algo.sample(model, args, args.num_samples, args.sample_length,
-                                                      prompt, device=args.device), args.device)
+        seconds, (_, nfe) = timed(draw, args.device)
     return seconds, nfe
 
 
@@ -183,17 +213,25 @@ def main(argv=None):
     check_args(args)
     args.vocab_size = data.get_tokenizer(args.tokenizer).vocab_size
     args.steps = args.steps or args.sample_length
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'
+    device_name = 'cpu'
+    if args.device.startswith('cuda'):
+        device_name = torch.cuda.get_device_name(args.device)
     runs = [setup(spec, args) for spec in args.algo]
     for r in runs:
-        r['result'] = dict(algo=r['args'].label, size=args.size, device=device_name, dtype=args.dtype,
-                           compile=args.compile, fused=r['args'].fused, block_size=args.block_size,
-                           batch_size=args.batch_size, vocab_size=args.vocab_size)
+        r['result'] = dict(algo=r['args'].label, size=args.size, device=device_name,
+                           dtype=args.dtype, compile=args.compile, fused=r['args'].fused,
+                           block_size=args.block_size, batch_size=args.batch_size,
+                           vocab_size=args.vocab_size)
     if args.mem:
-        for r, measure in ((r, m) for r in runs for m in (peak_memory, resident_memory)[:1 + (args.mem_steps > 1)]):
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:  # a fresh heap
-                mem = pool.submit(measure, r['args'].label, args).result()
-            r['result'].update({k: v / 2 ** 20 for k, v in mem.items()}, mem_unit='MiB')
+        measures = [peak_memory]
+        if args.mem_steps > 1:
+            measures.append(resident_memory)
+        spawn = multiprocessing.get_context('spawn')
+        for r in runs:
+            for measure in measures:
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh heap
+                    mem = pool.submit(measure, r['args'].label, args).result()
+                r['result'].update({k: v / 2 ** 20 for k, v in mem.items()}, mem_unit='MiB')
     if args.train:
         peak = peak_flops(args.device, getattr(torch, args.dtype))
         for r in runs:  # warm-up (compilation happens here)
@@ -205,7 +243,8 @@ def main(argv=None):
             r['result'].update(profile(r, args) if args.profile else {})
             tok_s = args.batch_size * args.block_size / r['train_s']
             mfu = 3 * r['algo'].mfu_flops(r['cfg'], r['args']) * tok_s / peak
-            r['result'].update(train_tok_per_s=tok_s, mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
+            r['result'].update(train_tok_per_s=tok_s,
+                               mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
                                peak_flops=peak)
     if args.sample:
         new_tokens = args.num_samples * (args.sample_length - 1)  # after the one start token
@@ -219,10 +258,14 @@ def main(argv=None):
         for r in runs:
             r['result'].update(sample_length=args.sample_length, sample_steps=r['args'].steps)
     first = runs[0]['result']
-    ratios = ('train_tok_per_s', 'sample_seconds_cache', 'sample_seconds_nocache') if len(runs) > 1 else ()
-    for res in (r['result'] for r in runs):  # ratios to the first entry, the point of one shared run
+    ratios = ()
+    if len(runs) > 1:
+        ratios = ('train_tok_per_s', 'sample_seconds_cache', 'sample_seconds_nocache')
+    # ratios to the first entry, the point of one shared run
+    for res in (r['result'] for r in runs):
         res.update({f'{k}_vs_{first["algo"]}': res[k] / first[k] for k in ratios if k in res})
-        lines = (f'{k:>40}: {v:.4g}' if isinstance(v, float) else f'{k:>40}: {v}' for k, v in res.items())
+        lines = (f'{k:>40}: {v:.4g}' if isinstance(v, float) else f'{k:>40}: {v}'
+                 for k, v in res.items())
         print(json.dumps(res) if args.json else '\n'.join(lines) + '\n')
     return [r['result'] for r in runs]
 

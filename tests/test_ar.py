@@ -11,7 +11,8 @@ K, L = 3, 4
 
 def oracle(seqs, probs):
     """A stand-in network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+              head=None):
         assert causal and cache is None
         B, n = x.shape
         out = torch.empty(B, n, K, dtype=torch.float64)

@@ -2,7 +2,6 @@
 exact denoiser of an enumerable toy they give the NLL (MDLM, Eso-LM) with no eps
 allowance, their variance stays finite where the old 1/t-weighted estimates
 blew up, and eval.py's 95% interval covers the exact value."""
-import argparse
 import itertools
 import math
 
@@ -73,8 +72,9 @@ def test_estimate_is_bounded(name, alpha0):
     u = torch.cat([torch.full((len(x) // 2,), 1e-9), torch.full((len(x) - len(x) // 2,), 1 - 1e-9)])
     est, _ = algo.eval_nll(model, x, u, args)
     states = torch.tensor(list(itertools.product(range(K + 1), repeat=L)))
-    worst = -conditionals(seqs, probs, states, states < K, K).log().min()  # largest -log p(x_l | context)
-    seq_part = 0 if alpha0 == 1 else L * worst                                      # Eso-LM's sequential term
+    # largest -log p(x_l | context)
+    worst = -conditionals(seqs, probs, states, states < K, K).log().min()
+    seq_part = 0 if alpha0 == 1 else L * worst  # Eso-LM's sequential term
     assert est.max() <= alpha0 * L * worst + seq_part + 1e-6
     assert (est >= 0).all()
 
@@ -85,15 +85,19 @@ def test_masked_subset_law():
     g = torch.Generator().manual_seed(0)
     for alpha0 in (1.0, 0.5):
         torch.manual_seed(1)
-        masked, k = mdlm.masked_subset(torch.zeros(n, L8, dtype=torch.long), stratified(n, g), alpha0)
+        zeros = torch.zeros(n, L8, dtype=torch.long)
+        masked, k = mdlm.masked_subset(zeros, stratified(n, g), alpha0)
         assert (masked.sum(1) == k).all() and k.min() >= 1 and k.max() <= L8
         binom = torch.distributions.Binomial(L8, torch.tensor(1 - alpha0, dtype=torch.float64))
-        below = torch.stack([binom.log_prob(torch.tensor(float(j), dtype=torch.float64)).exp() for j in range(L8)]).cumsum(0)
+        pmf = [binom.log_prob(torch.tensor(float(j), dtype=torch.float64)).exp()
+               for j in range(L8)]
+        below = torch.stack(pmf).cumsum(0)
         pi = below / (L8 * alpha0)                       # P(Bin < k) / (L alpha_0), k = 1..L8
         assert abs(pi.sum().item() - 1) < 1e-9
         freq = torch.bincount(k - 1, minlength=L8).double() / n
         assert (freq - pi).abs().max() < 1e-3            # stratified: closer than sampling noise
-        assert ((masked.double().mean(0) - (k.double().mean() / L8)).abs() < 0.01).all()  # every position alike
+        # every position alike
+        assert ((masked.double().mean(0) - (k.double().mean() / L8)).abs() < 0.01).all()
 
 
 def test_time_conditioned_mdlm_sees_t_given_k():
@@ -135,7 +139,8 @@ def test_duo_estimate_is_the_nelbo_and_its_variance_stays_finite():
     est, _ = duo.eval_nll(model, x, stratified(S, torch.Generator().manual_seed(0)), args)
     assert abs(est.mean().item() - exact) < 5 * est.std().item() / math.sqrt(S)
     for t in (1e-4, 1e-6):
-        est, _ = duo.eval_nll(model, x[:20000], torch.full((20000,), 1 - t, dtype=torch.float64), args)
+        u = torch.full((20000,), 1 - t, dtype=torch.float64)
+        est, _ = duo.eval_nll(model, x[:20000], u, args)
         assert est.std() < 3 * math.log(1 / t)
 
 
@@ -154,5 +159,6 @@ def test_eval_interval_covers_the_exact_value(name, alpha0):
     torch.manual_seed(0)
     est, n = algo.eval_nll(model, x, u, args)
     per_batch = (est.double() / n).view(runs, batches, B).mean(2)
-    covered = sum(lo <= exact / L <= hi for _, _, (lo, hi) in map(evaluation.summarize, per_batch.tolist()))
+    intervals = map(evaluation.summarize, per_batch.tolist())
+    covered = sum(lo <= exact / L <= hi for _, _, (lo, hi) in intervals)
     assert covered >= 34

@@ -1,4 +1,5 @@
-"""The trainer's promises to its user: no lost run, one-line refusals, the seed's recipe as defaults."""
+"""The trainer's promises to its user: no lost run, one-line refusals, the seed's recipe as
+defaults."""
 import os
 
 import pytest
@@ -21,8 +22,11 @@ def test_a_run_is_never_replaced_without_overwrite(tmp_path, capsys):
     out = ['--out-dir', str(tmp_path / 'run')]
     train.main(TINY + ['--max-iters', '6'] + out)
     before = open(tmp_path / 'run' / 'log.jsonl').read()
-    for again in ([], ['--init-from', str(tmp_path / 'run' / 'ckpt.pt')], ['--algo', 'duo', '--distill-from', 'x.pt']):
-        with pytest.raises(SystemExit, match='holds a run.*--resume.*--overwrite.*another --out-dir'):
+    init = ['--init-from', str(tmp_path / 'run' / 'ckpt.pt')]
+    distill = ['--algo', 'duo', '--distill-from', 'x.pt']
+    refusal = 'holds a run.*--resume.*--overwrite.*another --out-dir'
+    for again in ([], init, distill):
+        with pytest.raises(SystemExit, match=refusal):
             train.main(TINY + ['--max-iters', '2'] + again + out)
     assert open(tmp_path / 'run' / 'log.jsonl').read() == before
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['step'] == 6
@@ -34,8 +38,13 @@ def test_a_run_is_never_replaced_without_overwrite(tmp_path, capsys):
 
 def test_a_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch):
     real_loss = ar.train_loss
-    monkeypatch.setattr(ar, 'train_loss', lambda m, x, u, a, step, s: real_loss(m, x, u, a, step, s) * float('nan'))
-    with pytest.raises(SystemExit, match='non-finite loss at step 0: stopping; no checkpoint was written$'):
+
+    def nan_loss(m, x, u, a, step, s):
+        return real_loss(m, x, u, a, step, s) * float('nan')
+
+    monkeypatch.setattr(ar, 'train_loss', nan_loss)
+    refusal = 'non-finite loss at step 0: stopping; no checkpoint was written$'
+    with pytest.raises(SystemExit, match=refusal):
         train.main(TINY + ['--max-iters', '10', '--out-dir', str(tmp_path)])
     assert not os.path.exists(tmp_path / 'ckpt.pt')
 
@@ -82,8 +91,9 @@ def test_checkpoints_that_are_not_ours_get_one_line(tmp_path):
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pt')
     torch.save([1, 2], tmp_path / 'list.pt')
     for name in ('truncated', 'text', 'other', 'list'):
-        with pytest.raises(SystemExit, match=f"'{tmp_path / name}.pt' (is not a readable|holds no train.py) "
-                                             f"checkpoint.*pass a ckpt.pt written by train.py$") as e:
+        says = (f"'{tmp_path / name}.pt' (is not a readable|holds no train.py) "
+                f"checkpoint.*pass a ckpt.pt written by train.py$")
+        with pytest.raises(SystemExit, match=says) as e:
             train.load_checkpoint(str(tmp_path / f'{name}.pt'))
         assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
 
@@ -127,23 +137,31 @@ def test_scaling_flags_are_refused_before_any_run(argv, says, tmp_path, monkeypa
 
 def test_distillation_defaults_are_the_seeds(monkeypatch):
     monkeypatch.setattr(config, 'ON_GPU', True)
-    a = train.parse_args(['--algo', 'duo', '--device', 'cuda', '--distill-from', 'base.pt'])  # distil_owt.sh
-    assert (a.lr, a.min_lr, a.warmup_iters, a.batch_size, a.max_iters, a.ema, a.distill_T, a.teacher_every) == \
-        (6e-5, 6e-5, 500, 128, 50_000, 0.999, 512, 10_000)
-    assert max(duo.distill_dt(s, a.teacher_every, a.distill_T) for s in range(a.max_iters)) == 2 ** 4 / 512
+    # distil_owt.sh
+    a = train.parse_args(['--algo', 'duo', '--device', 'cuda', '--distill-from', 'base.pt'])
+    got = (a.lr, a.min_lr, a.warmup_iters, a.batch_size, a.max_iters, a.ema, a.distill_T,
+           a.teacher_every)
+    assert got == (6e-5, 6e-5, 500, 128, 50_000, 0.999, 512, 10_000)
+    largest_dt = max(duo.distill_dt(s, a.teacher_every, a.distill_T) for s in range(a.max_iters))
+    assert largest_dt == 2 ** 4 / 512
     cpu = train.parse_args(['--algo', 'duo', '--distill-from', 'base.pt', '--device', 'cpu'])
-    assert max(duo.distill_dt(s, cpu.teacher_every, cpu.distill_T) for s in range(cpu.max_iters)) == 2 ** 4 / 512
+    largest_dt = max(duo.distill_dt(s, cpu.teacher_every, cpu.distill_T)
+                     for s in range(cpu.max_iters))
+    assert largest_dt == 2 ** 4 / 512
     assert cpu.min_lr == cpu.lr
-    mine = train.parse_args(['--algo', 'duo', '--device', 'cuda', '--distill-from', 'base.pt', '--lr', '1e-4',
-                             '--ema', '0', '--max-iters', '7', '--teacher-every', '3', '--batch-size', '64'])
-    assert (mine.lr, mine.min_lr, mine.ema, mine.max_iters, mine.teacher_every, mine.batch_size) == \
-        (1e-4, 1e-4, 0.0, 7, 3, 64)  # the user's flags win; constant lr follows theirs
+    mine = train.parse_args(['--algo', 'duo', '--device', 'cuda', '--distill-from', 'base.pt',
+                             '--lr', '1e-4', '--ema', '0', '--max-iters', '7',
+                             '--teacher-every', '3', '--batch-size', '64'])
+    got = (mine.lr, mine.min_lr, mine.ema, mine.max_iters, mine.teacher_every, mine.batch_size)
+    assert got == (1e-4, 1e-4, 0.0, 7, 3, 64)  # the user's flags win; constant lr follows theirs
     base = train.parse_args(['--algo', 'duo', '--device', 'cuda'])
-    assert (base.lr, base.min_lr, base.ema, base.batch_size, base.max_iters) == (2e-4, 2e-5, 0.0, 256, 100_000)
+    got = (base.lr, base.min_lr, base.ema, base.batch_size, base.max_iters)
+    assert got == (2e-4, 2e-5, 0.0, 256, 100_000)
 
 
 def test_dry_run_prints_the_resolved_values_and_epochs(capsys):
-    train.main(['--algo', 'duo', '--distill-from', 'base.pt', '--tokenizer', 'byte', '--dry-run', '--lr', '1e-4'])
+    train.main(['--algo', 'duo', '--distill-from', 'base.pt', '--tokenizer', 'byte', '--dry-run',
+                '--lr', '1e-4'])
     out = dict(line.split(': ', 1) for line in capsys.readouterr().out.strip().splitlines())
     out = {k.strip(): v for k, v in out.items()}
     assert (out['lr'], out['min_lr'], out['ema'], out['teacher_every'], out['decay']) == \
@@ -155,17 +173,25 @@ def test_dry_run_prints_the_resolved_values_and_epochs(capsys):
 
 
 @pytest.mark.parametrize('n_train, says', [(300, True), (1000, False)])
-def test_a_plan_that_reads_the_data_many_times_says_so(n_train, says, tmp_path, monkeypatch, capsys):
+def test_a_plan_that_reads_the_data_many_times_says_so(n_train, says, tmp_path, monkeypatch,
+                                                        capsys):
     real = data.num_tokens
-    monkeypatch.setattr(data, 'num_tokens', lambda d, split: n_train if split == 'train' else real(d, split))
-    train.main(TINY + ['--max-iters', '10', '--out-dir', str(tmp_path)])  # reads 10 x 4 x 32 = 1280 tokens
+
+    def num_tokens(d, split):
+        return n_train if split == 'train' else real(d, split)
+
+    monkeypatch.setattr(data, 'num_tokens', num_tokens)
+    # reads 10 x 4 x 32 = 1280 tokens
+    train.main(TINY + ['--max-iters', '10', '--out-dir', str(tmp_path)])
     note = [line for line in capsys.readouterr().out.splitlines() if 'times' in line]
     assert len(note) == says and (not says or '4.3 times' in note[0] and '--dataset' in note[0])
 
 
 @pytest.mark.parametrize('decay', ['all', 'matrices'])
 def test_weight_decay_reaches_every_parameter_by_default(decay, tmp_path):
-    argv = TINY + ['--out-dir', str(tmp_path), '--weight-decay', '0.1'] + (['--decay', decay] if decay == 'matrices' else [])
+    argv = TINY + ['--out-dir', str(tmp_path), '--weight-decay', '0.1']
+    if decay == 'matrices':
+        argv += ['--decay', decay]
     net = DiT(get_config('tiny', 257))
     opt = train.make_optimizer(net, train.parse_args(argv))
     rate = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
@@ -178,6 +204,7 @@ def test_weight_decay_reaches_every_parameter_by_default(decay, tmp_path):
 
 @pytest.mark.parametrize('algo, cut', [('ar', False), ('mdlm', True)])
 def test_ssl_ratio_cuts_diffusion_batches_only(algo, cut, tmp_path):
-    run = train.setup(train.parse_args(TINY + ['--algo', algo, '--ssl-ratio', '1', '--out-dir', str(tmp_path)]))
+    argv = TINY + ['--algo', algo, '--ssl-ratio', '1', '--out-dir', str(tmp_path)]
+    run = train.setup(train.parse_args(argv))
     lengths = {train.get_batch(run, 'train', step, 0, 1)[0].shape[1] for step in range(20)}
     assert (lengths != {32}) == cut

@@ -2,7 +2,6 @@
 written from the process definition, the Bayes-optimal denoiser of an
 enumerable toy (NELBO = entropy, sampler -> data), the Gaussian transformation
 operator against closed forms and Monte Carlo, and the distillation mechanics."""
-import argparse
 import math
 
 import numpy as np
@@ -23,7 +22,8 @@ def noisy_oracle(seqs, probs, leave_one_out=True, clean_prefix=0):
     leave_one_out: p(x_l | z at the other positions) (the ELBO optimum);
     else the full posterior p(x_l | z), which also conditions on z_l.
     The first clean_prefix positions are known clean (a prompt)."""
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+              head=None):
         a = torch.exp(-sigma.double())[:, None, None]
         q = a * (seqs[None] == z[:, None]) + (1 - a) / K                 # (B, N, L): q(z_l | x_l)
         q[..., :clean_prefix] = (seqs[None] == z[:, None])[..., :clean_prefix].double()
@@ -57,8 +57,13 @@ def reverse_rate_integrand(logits, x, z, a, da, K):
     """The ELBO integrand written from the rates (see the test below): the generalized KL
     sum_{y != z} R_theta - R_x log R_theta + R_x log R_x - R_x of the reverse rates z -> y."""
     beta = -da / a
-    marg = lambda v: a[:, None] * v + (1 - a[:, None]) / K  # q_t(. | v)
-    rate = lambda m: beta[:, None] / K * m / m.gather(1, z[:, None])  # reverse rates z -> y
+
+    def marg(v):  # q_t(. | v)
+        return a[:, None] * v + (1 - a[:, None]) / K
+
+    def rate(m):  # reverse rates z -> y
+        return beta[:, None] / K * m / m.gather(1, z[:, None])
+
     R_x, R_theta = rate(marg(F.one_hot(x, K).double())), rate(marg(logits.double().softmax(-1)))
     off = F.one_hot(z, K) == 0
     return ((R_theta - R_x * R_theta.log() + R_x * R_x.log() - R_x) * off).sum(1)
@@ -78,10 +83,14 @@ def test_closed_form_equals_reverse_rate_elbo():
     a, da = duo.schedule(t)
     # the rates generate the marginals: d/dt q_t = q_t Q_t
     h = 1e-6
-    marg = lambda v, a: a[:, None] * v + (1 - a[:, None]) / K5
+
+    def marg(v, a):
+        return a[:, None] * v + (1 - a[:, None]) / K5
+
     onehot = F.one_hot(x, K5).double()
     beta = -da / a
-    Q = beta[:, None, None] / K5 * (torch.ones(K5, K5, dtype=torch.float64) - K5 * torch.eye(K5, dtype=torch.float64))
+    eye = torch.eye(K5, dtype=torch.float64)
+    Q = beta[:, None, None] / K5 * (torch.ones(K5, K5, dtype=torch.float64) - K5 * eye)
     dq = (marg(onehot, duo.schedule(t + h)[0]) - marg(onehot, duo.schedule(t - h)[0])) / (2 * h)
     assert torch.allclose(dq, (marg(onehot, a)[:, None] @ Q)[:, 0], atol=1e-8)
     brute = reverse_rate_integrand(logits, x, z, a, da, K5)
@@ -134,7 +143,8 @@ def quadrature(t_min=0.0, panels=12, nodes=12):
 
 def exact_nelbo(model, seqs, probs, t_min=0.0):
     """The NELBO by quadrature over t, plus the prior term."""
-    return sum(w * expected_integrand(model, seqs, probs, t) for t, w in quadrature(t_min)) + L * duo.prior_kl(K)
+    integral = sum(w * expected_integrand(model, seqs, probs, t) for t, w in quadrature(t_min))
+    return integral + L * duo.prior_kl(K)
 
 
 def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
@@ -155,12 +165,18 @@ def test_nelbo_of_the_leave_one_out_posterior_is_the_entropy():
     u = (torch.rand(1) + torch.arange(S)) / S
     seen = []
     oracle = noisy_oracle(seqs, probs)
-    nll, n = duo.eval_nll(lambda z, sigma, **kw: seen.append(sigma) or oracle(z, sigma, **kw), x, u, args_for())
+
+    def recording(z, sigma, **kw):
+        seen.append(sigma)
+        return oracle(z, sigma, **kw)
+
+    nll, n = duo.eval_nll(recording, x, u, args_for())
     assert n == L
     assert abs(nll.mean().item() - exact) < 4 * nll.std().item() / math.sqrt(S)
     # ... with times over all of (0, 1], t = (1 - u)^2, not training's [eps, 1]
     alpha = duo.schedule((1 - u.double()) ** 2)[0]
-    assert torch.allclose(seen[0].double(), -alpha.log(), rtol=1e-4, atol=1e-7) and seen[0].min() < 1e-4
+    assert torch.allclose(seen[0].double(), -alpha.log(), rtol=1e-4, atol=1e-7)
+    assert seen[0].min() < 1e-4
 
 
 def test_training_loss_estimates_the_nelbo_over_its_times():
@@ -176,27 +192,36 @@ def test_training_loss_estimates_the_nelbo_over_its_times():
     estimate, variance, exact = 0.0, 0.0, 0.0
     for t, w in quadrature(duo.EPS, panels=7, nodes=4):
         u = torch.full((len(x),), (t - duo.EPS) / (1 - duo.EPS))  # t = eps + (1 - eps) u
-        draws = torch.tensor([duo.train_loss(oracle, x, u, args_for(), 0, {}).item() for _ in range(4)])
-        estimate, variance = estimate + w * draws.mean().item(), variance + w ** 2 * draws.double().var().item() / 4
+        draws = torch.tensor([duo.train_loss(oracle, x, u, args_for(), 0, {}).item()
+                              for _ in range(4)])
+        estimate += w * draws.mean().item()
+        variance += w ** 2 * draws.double().var().item() / 4
         exact += w * expected_integrand(oracle, seqs, weights, t) / L
     assert abs(estimate - exact) < 5 * math.sqrt(variance) < 0.025 * exact
     # the z_t it feeds the network: q(z_t | x) = alpha_t e_x + (1 - alpha_t) / K, every token drawn
     seen = []
-    duo.train_loss(lambda z, sigma=None, **kw: seen.append(z) or oracle(z, sigma), x, torch.full((len(x),), 0.5),
-                   args_for(), 0, {})
+
+    def recording(z, sigma=None, **kw):
+        seen.append(z)
+        return oracle(z, sigma)
+
+    duo.train_loss(recording, x, torch.full((len(x),), 0.5), args_for(), 0, {})
     a = 1 - (1 - duo.EPS) * (duo.EPS + (1 - duo.EPS) * 0.5)
     for k in range(K):
         z = seen[0][x == k]
         for j in range(K):
             p = a * (j == k) + (1 - a) / K
-            assert abs((z == j).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / len(z)), (k, j)
+            freq = (z == j).double().mean().item()
+            assert abs(freq - p) < 5 * math.sqrt(p * (1 - p) / len(z)), (k, j)
 
 
 def test_prior_term_is_the_kl_to_uniform():
     for Kp in (2, 3, 50257):
-        q = torch.full((Kp,), (1 - duo.EPS) / Kp, dtype=torch.float64)  # q(z_1 | x = 0), alpha_1 = eps
+        # q(z_1 | x = 0), alpha_1 = eps
+        q = torch.full((Kp,), (1 - duo.EPS) / Kp, dtype=torch.float64)
         q[0] += duo.EPS
-        assert duo.prior_kl(Kp) == pytest.approx((q * (q * Kp).log()).sum().item(), rel=1e-9, abs=1e-15)
+        kl = (q * (q * Kp).log()).sum().item()
+        assert duo.prior_kl(Kp) == pytest.approx(kl, rel=1e-9, abs=1e-15)
 
 
 def sampler_law(model, seqs, T):
@@ -218,11 +243,15 @@ def sampler_law(model, seqs, T):
 
 def test_sampler_of_the_leave_one_out_posterior_converges_to_the_data():
     seqs, probs = toy_distribution(K, L, seed=0)
-    tv = lambda law: 0.5 * (law - probs).abs().sum().item()
+
+    def tv(law):
+        return 0.5 * (law - probs).abs().sum().item()
+
     good = [tv(sampler_law(noisy_oracle(seqs, probs), seqs, T)) for T in (16, 128, 1024)]
     assert good[0] < 0.035 and good[1] < 0.005 and good[2] < 0.0007   # shrinking like 1/T
     assert good[0] > 5 * good[1] > 25 * good[2]
-    bad = [tv(sampler_law(noisy_oracle(seqs, probs, leave_one_out=False), seqs, T)) for T in (16, 128, 1024)]
+    bad = [tv(sampler_law(noisy_oracle(seqs, probs, leave_one_out=False), seqs, T))
+           for T in (16, 128, 1024)]
     assert min(bad) > 0.2  # the full posterior stays wrong however many steps
     # sample() draws from that law
     torch.manual_seed(0)
@@ -237,7 +266,8 @@ def test_prompt_is_kept_and_the_rest_is_conditional():
     torch.manual_seed(0)
     S = 10000
     first = seqs[torch.multinomial(probs, S, replacement=True), :1]  # x_1 from its marginal
-    samples, nfe = duo.sample(noisy_oracle(seqs, probs, clean_prefix=1), args_for(steps=16), S, L, prompt=first)
+    oracle = noisy_oracle(seqs, probs, clean_prefix=1)
+    samples, nfe = duo.sample(oracle, args_for(steps=16), S, L, prompt=first)
     assert torch.equal(samples[:, :1], first) and nfe == 17
     # measured 0.020; an oracle blind to the clean prompt gives 0.11, overwriting x_1
     # of unconditional samples 0.34
@@ -245,7 +275,8 @@ def test_prompt_is_kept_and_the_rest_is_conditional():
 
 
 def test_greedy_tail_top_p_and_nfe():
-    pattern = torch.arange(6) % K  # x_theta at position l: 0.6 on l mod K, 0.25 and 0.15 on the others
+    # x_theta at position l: 0.6 on l mod K, 0.25 and 0.15 on the others
+    pattern = torch.arange(6) % K
 
     def model(z, sigma=None, **kw):
         p = torch.empty(z.shape[0], z.shape[1], K, dtype=torch.float64)
@@ -275,13 +306,18 @@ def test_transformation_operator():
     # K = 2: P(m + e1 > e2) = Phi(m / sqrt 2), so alpha = 2 Phi(m/sqrt 2) - 1 = erf(m / 2)
     alpha2, dalpha2 = duo.gaussian_to_uniform(gammas, 2)
     assert torch.allclose(alpha2, torch.erf(m / 2), atol=1e-6)
-    assert torch.allclose(dalpha2, torch.exp(-m ** 2 / 4) / math.sqrt(math.pi) * (-m / 2), atol=1e-6)
+    expected = torch.exp(-m ** 2 / 4) / math.sqrt(math.pi) * (-m / 2)
+    assert torch.allclose(dalpha2, expected, atol=1e-6)
     for Kt in (5, 50257):
         alpha, dalpha = duo.gaussian_to_uniform(gammas, Kt)
-        assert (alpha.diff() <= 0).all() and (dalpha <= 1e-12).all()  # monotone in gamma (= in atilde)
-        ends, _ = duo.gaussian_to_uniform(torch.tensor([float('inf'), float('-inf')]), Kt)  # atilde = 0, 1
+        # monotone in gamma (= in atilde)
+        assert (alpha.diff() <= 0).all() and (dalpha <= 1e-12).all()
+        # atilde = 0, 1
+        ends, _ = duo.gaussian_to_uniform(torch.tensor([float('inf'), float('-inf')]), Kt)
         assert abs(ends[0].item()) < 1e-12 and abs(ends[1].item() - 1) < 1e-12
-        fd = (duo.gaussian_to_uniform(gammas + 1e-4, Kt)[0] - duo.gaussian_to_uniform(gammas - 1e-4, Kt)[0]) / 2e-4
+        above = duo.gaussian_to_uniform(gammas + 1e-4, Kt)[0]
+        below = duo.gaussian_to_uniform(gammas - 1e-4, Kt)[0]
+        fd = (above - below) / 2e-4
         assert torch.allclose(dalpha, fd, atol=1e-3)
     # K = 5: Monte Carlo P(argmax w = x) = alpha + (1 - alpha)/K, the other tokens uniform
     torch.manual_seed(0)
@@ -322,7 +358,8 @@ class Recorder(torch.nn.Module):
         self.net = net
 
     def forward(self, x, sigma=None, **kw):
-        Recorder.calls.append((x.detach().clone(), sigma.detach().clone(), torch.is_grad_enabled(), id(self)))
+        Recorder.calls.append((x.detach().clone(), sigma.detach().clone(), torch.is_grad_enabled(),
+                               id(self)))
         return self.net(x, sigma=sigma, **kw)
 
 
@@ -340,7 +377,8 @@ def test_curriculum_feeds_soft_latents_then_switches_to_the_elbo():
     assert torch.allclose(soft.sum(-1), torch.ones(4, 8))
     # sigma = -log T(atilde) with gamma linear in t over [-3.55, -1.85]
     gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u)
-    assert torch.allclose(sigma.double(), -duo.gaussian_to_uniform(gamma.double(), V)[0].log(), atol=1e-5)
+    alpha = duo.gaussian_to_uniform(gamma.double(), V)[0]
+    assert torch.allclose(sigma.double(), -alpha.log(), atol=1e-5)
     duo.train_loss(model, x, u, args, 5, {})  # step N: the plain discrete ELBO on token ids
     assert Recorder.calls[-1][0].dtype == torch.long
     duo.eval_nll(model, x, u, args)
@@ -356,13 +394,22 @@ def test_curriculum_loss_is_the_discrete_elbo_at_the_transformed_alpha():
     u = (torch.rand(1) + torch.arange(B)) / B
     logits = torch.randn(B, n, V, dtype=torch.float64)
     seen = []
-    model = lambda w, sigma=None, head=None, **kw: seen.append(w) or (logits if head is None else head(logits))
+
+    def model(w, sigma=None, head=None, **kw):
+        seen.append(w)
+        return logits if head is None else head(logits)
+
     loss = duo.train_loss(model, x, u, args_for(vocab_size=V, curriculum_steps=1, tau=0.1), 0, {})
     z = seen[0].argmax(-1)  # softmax(w / tau) keeps the argmax of w
-    gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u.double())  # linear in t over [gamma_min, gamma_max]
-    alpha = lambda g: duo.gaussian_to_uniform(g, V)[0]
+    # linear in t over [gamma_min, gamma_max]
+    gamma = -3.55 + 1.7 * (duo.EPS + (1 - duo.EPS) * u.double())
+
+    def alpha(g):
+        return duo.gaussian_to_uniform(g, V)[0]
+
     dalpha = (alpha(gamma + 1e-3) - alpha(gamma - 1e-3)) / 2e-3 * 1.7
-    expected = reverse_rate_integrand(logits.flatten(0, 1), x.flatten(), z.flatten(), alpha(gamma).repeat_interleave(n),
+    expected = reverse_rate_integrand(logits.flatten(0, 1), x.flatten(), z.flatten(),
+                                      alpha(gamma).repeat_interleave(n),
                                       dalpha.repeat_interleave(n), V).mean()
     assert (z != x).any() and loss.item() == pytest.approx(expected.item(), rel=1e-3)
 
@@ -370,19 +417,31 @@ def test_curriculum_loss_is_the_discrete_elbo_at_the_transformed_alpha():
 def test_distillation_loss_is_kl_of_student_to_teacher():
     V = 4
     g = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(2, 3, V, generator=g) * 3, torch.randn(2, 3, V, generator=g) * 0.3
-    state = {'teacher': lambda z, sigma=None, **kw: teacher, 'teacher_round': 0}  # this round's teacher
+    student = torch.randn(2, 3, V, generator=g) * 3
+    teacher = torch.randn(2, 3, V, generator=g) * 0.3
+
+    def student_net(z, sigma=None, **kw):
+        return student
+
+    def teacher_net(z, sigma=None, **kw):  # this round's teacher
+        return teacher
+
+    state = {'teacher': teacher_net, 'teacher_round': 0}
     args = args_for(vocab_size=V, distill_from='ckpt.pt', teacher_every=10, distill_T=4)
     x = torch.randint(0, V, (2, 3), generator=g)
-    loss = duo.train_loss(lambda z, sigma=None, **kw: student, x, torch.tensor([0.2, 0.7]), args, 0, state)
+    loss = duo.train_loss(student_net, x, torch.tensor([0.2, 0.7]), args, 0, state)
     p, q = student.log_softmax(-1), teacher.log_softmax(-1)
-    kl = lambda a, b: (a.exp() * (a - b)).sum(-1).mean().item()  # KL(a || b) per token
+
+    def kl(a, b):  # KL(a || b) per token
+        return (a.exp() * (a - b)).sum(-1).mean().item()
+
     assert loss.item() == pytest.approx(kl(p, q), rel=1e-5) and abs(kl(p, q) - kl(q, p)) > 0.3
 
 
 def test_distillation_schedule():
     assert [duo.distill_round(s, 3) for s in range(7)] == [0, 0, 0, 1, 1, 1, 2]
-    assert [duo.distill_dt(s, 3, 512) for s in (0, 2, 3, 6, 9)] == [1 / 512, 1 / 512, 2 / 512, 4 / 512, 8 / 512]
+    dts = [duo.distill_dt(s, 3, 512) for s in (0, 2, 3, 6, 9)]
+    assert dts == [1 / 512, 1 / 512, 2 / 512, 4 / 512, 8 / 512]
     assert duo.distill_dt(100, 3, 512) == 1.0  # capped
 
 
@@ -398,9 +457,11 @@ def test_distillation_mechanics():
     x = torch.randint(0, V, (16, 16), generator=g)
     u = (torch.rand(1, generator=g) + torch.arange(16)) / 16
     state, losses = {}, []
+    previous = None  # the teacher's weights one step earlier
     for step in range(2 * every):
         Recorder.calls.clear()
-        torch.manual_seed(step // every)  # the same noise within a round: the loss is a function of the weights
+        # the same noise within a round: the loss is a function of the weights
+        torch.manual_seed(step // every)
         loss = duo.train_loss(model, x, u, args, step, state)
         teacher_weights = [p.clone() for p in state['teacher'].parameters()]
         if step % every == 0:  # refreshed exactly now: the teacher is the current student

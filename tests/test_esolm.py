@@ -39,14 +39,16 @@ def oracle(seqs, probs, K):
     loss or sampler that forgets zero masking is caught."""
     L = seqs.shape[1]
 
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+              head=None):
         B, n = x.shape
         assert positions is not None and sigma is None
         if cache is not None:  # queries see every committed key and are causal among themselves
             if not hasattr(cache, 'ids'):
                 cache.ids = torch.zeros(B, cache.max_len, dtype=torch.long)
                 cache.pos = torch.zeros(B, cache.max_len, dtype=torch.long)
-            cache.ids[:, cache.len:cache.len + n], cache.pos[:, cache.len:cache.len + n] = x, positions
+            cache.ids[:, cache.len:cache.len + n] = x
+            cache.pos[:, cache.len:cache.len + n] = positions
             ids, pos = cache.ids[:, :cache.len + n], cache.pos[:, :cache.len + n]
             see = torch.arange(cache.len + n) <= cache.len + torch.arange(n)[:, None]
             cache.len += n
@@ -59,8 +61,9 @@ def oracle(seqs, probs, K):
         out = torch.full((B, n, K + 1), 5.0, dtype=torch.float64)
         for q in range(n):
             clean = see[:, q] & (ids != K)
-            tokens = torch.full((B, L), -1).scatter_reduce(1, pos, torch.where(clean, ids, -1), 'amax')
-            cond = conditionals(seqs, probs, tokens.clamp(min=0), tokens >= 0, K)          # (B, L, K)
+            clean_ids = torch.where(clean, ids, -1)
+            tokens = torch.full((B, L), -1).scatter_reduce(1, pos, clean_ids, 'amax')
+            cond = conditionals(seqs, probs, tokens.clamp(min=0), tokens >= 0, K)  # (B, L, K)
             out[:, q, :K] = cond[torch.arange(B), positions[:, q]].log()
         out = out if select is None else out[select]
         return out if head is None else head(out)
@@ -97,7 +100,8 @@ def log_marginal(seqs, probs, x, S):
 def expected_log_marginal(seqs, probs, x, a):
     """M(a) = E_{S ~ each position kept w.p. a} log p(x_S), exact, per row of x."""
     total = torch.zeros(len(x), dtype=torch.float64)
-    for S in itertools.chain.from_iterable(itertools.combinations(range(L), r) for r in range(L + 1)):
+    for S in itertools.chain.from_iterable(itertools.combinations(range(L), r)
+                                           for r in range(L + 1)):
         total += a ** len(S) * (1 - a) ** (L - len(S)) * log_marginal(seqs, probs, x, S)
     return total
 
@@ -107,9 +111,16 @@ def expected_nelbo(seqs, probs, x, alpha0):
     -log p(x) + M(alpha_0); over u ~ U[0,1) (t in [eps, 1]) the diffusion term is
     (M(alpha_{t=1}) - M(alpha_{t=eps})) / (1 - eps): the any-order chain rule
     telescopes, leaving the eps truncation at both ends."""
-    eps, alpha = esolm.EPS, lambda t: alpha0 * (1 - (1 - esolm.EPS) * t)
-    M = lambda a: expected_log_marginal(seqs, probs, x, a)
-    return -log_marginal(seqs, probs, x, range(L)) + M(alpha0) + (M(alpha(1.0)) - M(alpha(eps))) / (1 - eps)
+    eps = esolm.EPS
+
+    def alpha(t):
+        return alpha0 * (1 - (1 - esolm.EPS) * t)
+
+    def M(a):
+        return expected_log_marginal(seqs, probs, x, a)
+
+    diffusion = (M(alpha(1.0)) - M(alpha(eps))) / (1 - eps)
+    return -log_marginal(seqs, probs, x, range(L)) + M(alpha0) + diffusion
 
 
 def all_masks():
@@ -140,7 +151,8 @@ def test_nelbo_of_exact_conditionals_is_the_nll(alpha0):
                 p_mask = a ** (L - n_masked) * (1 - a) ** n_masked
                 nll = diffusion_nll(model, seqs, mask, K)
                 nelbo += wj * p_mask * alpha0 * (1 - eps) / (1 - a) * nll
-        if alpha0 < 1:  # sequential term: E_{z_0} sum_masked -log x_theta(x_l | clean, masked before l)
+        if alpha0 < 1:
+            # sequential term: E_{z_0} sum_masked -log x_theta(x_l | clean, masked before l)
             p_mask = alpha0 ** (L - n_masked) * (1 - alpha0) ** n_masked
             order = esolm.sort_order(mask, masked_left_to_right=True)
             nelbo += p_mask * sequential_nll(model, seqs, mask, order, K)
@@ -226,7 +238,8 @@ def test_batch_split_keeps_the_times_stratified():
     (z, kw, _), (z0x, kw0, _) = calls
     assert z.shape == (B // 2, n) and kw['causal']
     assert z0x.shape == (B // 2, 2 * n) and kw0['mask'].shape == (2 * n, 2 * n)
-    t = ((z == Kb).float().mean(1) - (1 - args.alpha0)) / args.alpha0  # masked = 1 - alpha_0 (1 - t), about
+    # masked = 1 - alpha_0 (1 - t), about
+    t = ((z == Kb).float().mean(1) - (1 - args.alpha0)) / args.alpha0
     assert t.max() > 0.6 and t.min() < 0.3  # u[:4] would give t < 0.5 only
 
 
@@ -343,7 +356,11 @@ def test_diffusion_counts_follow_the_reverse_process():
         D = torch.tensor([float(sum(esolm.unmask_counts(n, steps, alpha0)[0])) for _ in range(400)])
         assert abs(D.mean() - n * p) < 4 * math.sqrt(n * p * (1 - p) / 400)
         assert abs(D.var() / (n * p * (1 - p)) - 1) < 0.3   # binomial spread, not a fixed count
-    a = lambda t: 1 - (1 - esolm.EPS) * t   # two steps at alpha_0 = 1: the first reveals Binomial(n, q)
+
+    # two steps at alpha_0 = 1: the first reveals Binomial(n, q)
+    def a(t):
+        return 1 - (1 - esolm.EPS) * t
+
     q = (a(0.5) - a(1)) / (1 - a(1))
     first = torch.tensor([float(esolm.unmask_counts(n, 2, 1.0)[0][0]) for _ in range(400)])
     assert abs(first.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / 400)
@@ -371,7 +388,8 @@ def test_kv_cache_sampling_equals_full_recompute(alpha0):
     k_prev, decided = P, []
     for z, kw, out in calls:
         k_now = int((z == Kb).sum(1)[0])
-        assert z.shape[1] == k_prev + k_now and (z[:, k_prev:] == Kb).all() and (z[:, :k_prev] < Kb).all()
+        assert z.shape[1] == k_prev + k_now
+        assert (z[:, k_prev:] == Kb).all() and (z[:, :k_prev] < Kb).all()
         decided.append(kw['positions'][:, k_prev:])
         k_prev = k_now
     decided = torch.cat(decided, 1)  # positions in the order they were decided: each once
@@ -393,13 +411,17 @@ def test_flags_and_errors():
     assert (args.alpha0, args.batch_split, args.iw_orders, args.loss) == (0.25, 0.5, 4, 'low_var')
     assert esolm.vocab_size(50257) == 50258 and not esolm.EXACT
     x, u = torch.zeros(4, 3, dtype=torch.long), torch.rand(4)
-    bad_args = [(dict(alpha0=1.5), '--alpha0'), (dict(alpha0=0.5, batch_split=1.0), '--batch-split'),
-                (dict(alpha0=1.0, batch_split=0.5), '--batch-split'), (dict(alpha0=0.0, batch_split=1.0), '--batch-split'),
-                (dict(alpha0=0.5, batch_split=0.1), '--micro-batch-size'), (dict(time_cond=True), '--time-cond')]
+    bad_args = [(dict(alpha0=1.5), '--alpha0'),
+                (dict(alpha0=0.5, batch_split=1.0), '--batch-split'),
+                (dict(alpha0=1.0, batch_split=0.5), '--batch-split'),
+                (dict(alpha0=0.0, batch_split=1.0), '--batch-split'),
+                (dict(alpha0=0.5, batch_split=0.1), '--micro-batch-size'),
+                (dict(time_cond=True), '--time-cond')]
     for bad, needle in bad_args:
         a = make_args(**{**dict(vocab_size=3, alpha0=1.0, batch_split=1.0, loss='low_var'), **bad})
         with pytest.raises(ValueError, match=needle):
             esolm.check_args(a, training=True)
             esolm.train_loss(lambda *a, **k: None, x, u, a, 0, {})
+    prompt = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match='prompt'):
-        esolm.sample(None, make_args(vocab_size=3), 2, 4, prompt=torch.zeros(2, 5, dtype=torch.long))
+        esolm.sample(None, make_args(vocab_size=3), 2, 4, prompt=prompt)

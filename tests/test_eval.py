@@ -34,12 +34,14 @@ def toy_stream(seqs, probs, n, seed=0):
 
 def ar_oracle(seqs, probs):
     """Stand-in AR network: logits at l = log p(x_{l+1} | x_<=l), exact."""
-    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
+    def model(x, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+              head=None):
         B, n = x.shape
         padded = torch.cat([x, torch.zeros(B, L - n, dtype=torch.long)], 1)
         out = torch.empty(B, n, K, dtype=torch.float64)
         for l in range(n):
-            out[:, l] = conditionals(seqs, probs, padded, (torch.arange(L) <= l).expand(B, L), K)[:, l + 1]
+            known = (torch.arange(L) <= l).expand(B, L)
+            out[:, l] = conditionals(seqs, probs, padded, known, K)[:, l + 1]
         return out.log() if head is None else head(out.log())
     return model
 
@@ -72,7 +74,8 @@ def test_windows_are_consecutive_and_spread_evenly():
     assert b.shape == (25, 4, 10) and torch.equal(b.flatten(), torch.arange(1000))
     b = evaluation.windows(stream, 10, 4, max_batches=5)     # 20 of them, first and last included
     starts = b[:, :, 0].flatten()
-    assert b.shape == (5, 4, 10) and starts[0] == 0 and starts[-1] == 990 and (starts.diff() > 0).all()
+    assert b.shape == (5, 4, 10) and starts[0] == 0 and starts[-1] == 990
+    assert (starts.diff() > 0).all()
     with pytest.raises(SystemExit, match='lower --batch-size'):
         evaluation.windows(stream[:30], 10, 4, 5)
 
@@ -80,8 +83,14 @@ def test_windows_are_consecutive_and_spread_evenly():
 def test_evaluate_draws_antithetic_times():
     """u_i = (u + i) / B over each batch (MATH (4)), a fresh u for each batch and repeat."""
     seen = []
-    algo = argparse.Namespace(eval_nll=lambda model, x, u, args: seen.append(u) or (torch.zeros(len(x)), 1))
-    evaluation.evaluate(None, algo, argparse.Namespace(device='cpu'), torch.zeros(3, 8, 4, dtype=torch.long), repeats=2)
+
+    def eval_nll(model, x, u, args):
+        seen.append(u)
+        return torch.zeros(len(x)), 1
+
+    algo = argparse.Namespace(eval_nll=eval_nll)
+    batches = torch.zeros(3, 8, 4, dtype=torch.long)
+    evaluation.evaluate(None, algo, argparse.Namespace(device='cpu'), batches, repeats=2)
     assert len(seen) == 6
     for u in seen:
         assert 0 <= u[0] < 1 / 8 and torch.allclose(u - u[0], torch.arange(8) / 8, atol=1e-6)
@@ -96,7 +105,8 @@ def test_ar_estimate_is_the_exact_nll_of_the_windows():
     per_batch = evaluation.evaluate(ar_oracle(seqs, probs), ar, args, batches)
     # AR scores x_2..x_L given x_1: -log p(x) + log p(x_1), per predicted token
     p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
-    exact = (-(log_prob(seqs, probs, rows)) + p1[rows[:, 0]].log()).view(8, 8).sum(1) / (8 * (L - 1))
+    per_row = -(log_prob(seqs, probs, rows)) + p1[rows[:, 0]].log()
+    exact = per_row.view(8, 8).sum(1) / (8 * (L - 1))
     assert np.allclose(per_batch, exact.numpy(), atol=1e-12)
     mean, se, (lo, hi) = evaluation.summarize(per_batch)
     assert mean == pytest.approx(exact.mean().item(), abs=1e-12)
@@ -114,7 +124,8 @@ def test_mdlm_bound_and_its_interval_cover_the_exact_nll():
     mean, se, (lo, hi) = evaluation.summarize(per_batch)
     exact = -log_prob(seqs, probs, rows).mean().item() / L  # NLL per token of these very windows
     assert 0 < se < 0.02
-    assert abs(mean - exact) < 3 * se  # unbiased for the NLL (one draw: 3 SE; coverage: tests/test_bounds.py)
+    # unbiased for the NLL (one draw: 3 SE; coverage: tests/test_bounds.py)
+    assert abs(mean - exact) < 3 * se
     # a wrong estimator (the low_var loss: weight 1 instead of 1/t) lands far outside it
     def low_var(model, x, u, a):
         t = mdlm.EPS + (1 - mdlm.EPS) * u
@@ -138,12 +149,15 @@ def ckpts(tmp_path_factory):
         for name, n in (('corpus', 12), ('other', 6)):
             (tmp / name).mkdir()
             for i in range(n):
-                (tmp / name / f'{i}.txt').write_text(TEXT[i * 7 % 50:] * 2 if name == 'corpus' else TEXT.upper())
-        common = ['--size', 'tiny', '--tokenizer', 'byte', '--dataset', str(tmp / 'corpus'), '--block-size', '32',
-                  '--batch-size', '4', '--eval-iters', '1', '--dtype', 'float32', '--device', 'cpu', '--no-compile',
-                  '--lr', '3e-3']
-        train.main(common + ['--algo', 'ar', '--max-iters', '30', '--eval-interval', '30', '--out-dir', str(tmp / 'ar')])
-        train.main(common + ['--algo', 'mdlm', '--max-iters', '3', '--eval-interval', '3', '--out-dir', str(tmp / 'mdlm')])
+                text = TEXT[i * 7 % 50:] * 2 if name == 'corpus' else TEXT.upper()
+                (tmp / name / f'{i}.txt').write_text(text)
+        common = ['--size', 'tiny', '--tokenizer', 'byte', '--dataset', str(tmp / 'corpus'),
+                  '--block-size', '32', '--batch-size', '4', '--eval-iters', '1',
+                  '--dtype', 'float32', '--device', 'cpu', '--no-compile', '--lr', '3e-3']
+        train.main(common + ['--algo', 'ar', '--max-iters', '30', '--eval-interval', '30',
+                             '--out-dir', str(tmp / 'ar')])
+        train.main(common + ['--algo', 'mdlm', '--max-iters', '3', '--eval-interval', '3',
+                             '--out-dir', str(tmp / 'mdlm')])
         yield tmp
 
 
@@ -171,18 +185,20 @@ def test_eval_cli_ar_is_exact_and_zero_shot_is_the_same_command(ckpts, capsys, m
     zero = evaluation.main(['--ckpt', ckpt, '--dataset', str(ckpts / 'other'), '--batch-size', '1',
                             '--max-batches', '100000'])
     expected, _ = ar_nll_of_windows(ckpt, data.dataset_dir(str(ckpts / 'other'), 'byte'), 32)
-    assert zero['dataset'] == str(ckpts / 'other') and zero['nll'] == pytest.approx(expected, rel=1e-6)
+    assert zero['dataset'] == str(ckpts / 'other')
+    assert zero['nll'] == pytest.approx(expected, rel=1e-6)
 
 
 def test_eval_cli_labels_diffusion_as_a_bound(ckpts, capsys, monkeypatch):
     monkeypatch.setattr(data, 'DATA_DIR', str(ckpts / 'data'))
-    r = evaluation.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--max-batches', '2', '--batch-size', '2'])
+    ckpt = str(ckpts / 'mdlm' / 'ckpt.pt')
+    r = evaluation.main(['--ckpt', ckpt, '--max-batches', '2', '--batch-size', '2'])
     out = capsys.readouterr().out
     assert not r['exact'] and r['batches'] == 2 and 'NELBO' in out and 'PPL <= ' in out
-    r2 = evaluation.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--max-batches', '2', '--batch-size', '2'])
+    r2 = evaluation.main(['--ckpt', ckpt, '--max-batches', '2', '--batch-size', '2'])
     assert r2['nll'] == r['nll']  # seeded: the same draws
     with pytest.raises(SystemExit, match='--repeats'):
-        evaluation.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--repeats', '0'])
+        evaluation.main(['--ckpt', ckpt, '--repeats', '0'])
 
 
 # ----------------------------------------------------------------------------
@@ -200,7 +216,8 @@ def test_judge_nll_is_exact_and_windowing_loses_nothing_for_a_bigram_judge():
     tok = data.Tokenizer('toy', None, None, 5, 4)
     ids = torch.randint(0, 5, (3, 11), generator=g)
     start = 3
-    exact = -sum(P[ids[b, j - 1], ids[b, j]].log().item() for b in range(3) for j in range(start, 11))
+    exact = -sum(P[ids[b, j - 1], ids[b, j]].log().item()
+                 for b in range(3) for j in range(start, 11))
     for context in (2, 3, 4, 100):
         nll, n = evaluation.judge_nll(bigram_judge(P, tok, context), ids, start)
         assert n == 3 * (11 - start) and nll == pytest.approx(exact, rel=1e-12), context
@@ -216,7 +233,8 @@ def test_unigram_entropy_in_nats():
 def test_score_with_the_exact_toy_judge_is_the_true_perplexity():
     seqs, probs = toy_distribution(K, L, seed=5)
     rows, _ = toy_stream(seqs, probs, 50)
-    judge = evaluation.Judge('toy', data.Tokenizer('toy', None, None, K, 0), ar_oracle(seqs, probs), L)
+    toy_tokenizer = data.Tokenizer('toy', None, None, K, 0)
+    judge = evaluation.Judge('toy', toy_tokenizer, ar_oracle(seqs, probs), L)
     gen_ppl, entropy, n = evaluation.score(judge, rows, 1, judge.tokenizer)  # first token given
     p1 = torch.zeros(K, dtype=torch.float64).index_add_(0, seqs[:, 0], probs)
     nll = (-log_prob(seqs, probs, rows) + p1[rows[:, 0]].log()).sum().item()
@@ -227,10 +245,15 @@ def test_score_with_the_exact_toy_judge_is_the_true_perplexity():
 
 def test_other_tokenizer_judge_retokenises_through_text():
     byte = data.get_tokenizer('byte')
-    pairs = data.Tokenizer('pairs', lambda s: [hash(s[i:i + 2]) % 90 for i in range(0, len(s), 2)], None, 100, 99)
+
+    def encode(s):
+        return [hash(s[i:i + 2]) % 90 for i in range(0, len(s), 2)]
+
+    pairs = data.Tokenizer('pairs', encode, None, 100, 99)
     row = [256] + list(b'Hi') + list(b'ab cd') + [256] + list(b'e')
     assert evaluation.retokenize(row[:3], byte, pairs) == [99] + pairs.encode('Hi')
-    assert evaluation.retokenize(row[3:], byte, pairs) == pairs.encode('ab cd') + [99] + pairs.encode('e')
+    expected = pairs.encode('ab cd') + [99] + pairs.encode('e')
+    assert evaluation.retokenize(row[3:], byte, pairs) == expected
     uniform = evaluation.Judge('pairs', pairs, lambda ids: torch.zeros(*ids.shape, 100), 4)
     gen_ppl, _, n = evaluation.score(uniform, torch.tensor([row]), 3, byte)
     assert n == 3 + 1 + 1 and gen_ppl == pytest.approx(100)  # only the generated part is scored
@@ -238,8 +261,9 @@ def test_other_tokenizer_judge_retokenises_through_text():
 
 def test_sample_cli_judge_steps_list_and_json(ckpts, capsys):
     judge = str(ckpts / 'ar' / 'ckpt.pt')
-    tokens, nfe = sample.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--judge', judge, '--steps', '2,6',
-                               '--num-samples', '3', '--length', '20', '--json', '--dtype', 'float32', '--show', '0'])
+    tokens, nfe = sample.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--judge', judge,
+                               '--steps', '2,6', '--num-samples', '3', '--length', '20', '--json',
+                               '--dtype', 'float32', '--show', '0'])
     out = capsys.readouterr().out
     recs = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
     assert [r['steps'] for r in recs] == [2, 6] and all(r['nfe'] <= r['steps'] + 1 for r in recs)
@@ -247,22 +271,28 @@ def test_sample_cli_judge_steps_list_and_json(ckpts, capsys):
     # same tokenizer: Gen PPL is exp of ar.eval_nll on the same tokens (the start token is context)
     model, _ = load_model(judge, 'cpu')
     nll, per_seq = ar.eval_nll(model, tokens, None, make_args(vocab_size=257))
-    assert recs[-1]['gen_ppl'] == pytest.approx(math.exp(nll.sum().item() / (3 * per_seq)), rel=1e-5)
+    gen_ppl = math.exp(nll.sum().item() / (3 * per_seq))
+    assert recs[-1]['gen_ppl'] == pytest.approx(gen_ppl, rel=1e-5)
     assert recs[-1]['judge_tokens'] == 3 * 19
-    assert recs[-1]['entropy_nats'] == pytest.approx(np.mean([evaluation.unigram_entropy(r[1:]) for r in tokens]))
+    entropy = np.mean([evaluation.unigram_entropy(r[1:]) for r in tokens])
+    assert recs[-1]['entropy_nats'] == pytest.approx(entropy)
     # a single --steps value keeps the plain (tokens, NFE) result and no table
-    sample.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--steps', '4', '--num-samples', '1', '--length', '8'])
+    sample.main(['--ckpt', str(ckpts / 'mdlm' / 'ckpt.pt'), '--steps', '4', '--num-samples', '1',
+                 '--length', '8'])
     assert '| steps' not in capsys.readouterr().out
 
 
 def test_judge_errors_are_one_clear_line(ckpts, monkeypatch):
-    monkeypatch.setitem(__import__('sys').modules, 'transformers', None)  # as where it is not installed
+    # as where it is not installed
+    monkeypatch.setitem(__import__('sys').modules, 'transformers', None)
     mdlm_ckpt = str(ckpts / 'mdlm' / 'ckpt.pt')
-    cases = [('gpt2-large', 'pip install transformers'), (mdlm_ckpt, 'the judge must be an AR model'),
+    cases = [('gpt2-large', 'pip install transformers'),
+             (mdlm_ckpt, 'the judge must be an AR model'),
              (str(ckpts / 'nothing.pt'), 'no checkpoint at')]
     for judge, says in cases:
         with pytest.raises(SystemExit) as e:
-            sample.main(['--ckpt', mdlm_ckpt, '--judge', judge, '--num-samples', '1', '--length', '8'])
+            sample.main(['--ckpt', mdlm_ckpt, '--judge', judge, '--num-samples', '1',
+                         '--length', '8'])
         msg = str(e.value)
         assert says in msg and '\n' not in msg, msg
     with pytest.raises(SystemExit, match='comma-separated list'):

@@ -44,7 +44,8 @@ def loss_and_grads(algo, net, args, fused):
 
 
 def assert_same(algo, net, args, tol=1e-10):
-    (l0, g0), (l1, g1) = loss_and_grads(algo, net, args, False), loss_and_grads(algo, net, args, True)
+    l0, g0 = loss_and_grads(algo, net, args, False)
+    l1, g1 = loss_and_grads(algo, net, args, True)
     assert l0.dtype == l1.dtype == net.embed.dtype
     assert torch.allclose(l0, l1, rtol=tol, atol=0), (l0, l1)
     scale = max(a.abs().max() for a in g0 if a is not None)
@@ -69,17 +70,25 @@ def test_mdlm_fused_equals_plain(loss):  # elbo: per-row weights 1/t
 
 
 @pytest.mark.parametrize('alpha0, split', [(1.0, 1.0), (0.0, 0.0), (0.5, 1 / 3)])
-def test_esolm_fused_equals_plain(alpha0, split):  # diffusion, sequential, and both (split normalisation)
+def test_esolm_fused_equals_plain(alpha0, split):
+    # diffusion, sequential, and both (split normalisation)
     args = ns(loss='elbo', alpha0=alpha0, batch_split=split, time_cond=False, iw_orders=0)
     assert_same(esolm, random_dit(esolm.vocab_size(K)), args)
 
 
 @pytest.mark.parametrize('curriculum', [0, 1])
-def test_duo_fused_equals_plain(curriculum, monkeypatch):  # the NELBO, and the curriculum (soft input)
+def test_duo_fused_equals_plain(curriculum, monkeypatch):
+    # the NELBO, and the curriculum (soft input)
     latent = duo.gaussian_latent
-    monkeypatch.setattr(duo, 'gaussian_latent', lambda *a: latent(*a).double())  # a float64 soft input
-    args = ns(curriculum_steps=curriculum, tau=0.1, gamma_min=None, gamma_max=None, distill_from=None)
-    assert_same(duo, random_dit(duo.vocab_size(K)), args, tol=1e-7)  # grads ~1e-8: the NELBO cancels digits
+
+    def float64_latent(*a):  # a float64 soft input
+        return latent(*a).double()
+
+    monkeypatch.setattr(duo, 'gaussian_latent', float64_latent)
+    args = ns(curriculum_steps=curriculum, tau=0.1, gamma_min=None, gamma_max=None,
+              distill_from=None)
+    # grads ~1e-8: the NELBO cancels digits
+    assert_same(duo, random_dit(duo.vocab_size(K)), args, tol=1e-7)
 
 
 def test_duo_hand_gradient_is_the_autograd_one():
@@ -155,20 +164,24 @@ def test_exact_oracles_fused_equals_plain(name):
     args.vocab_size = Kt
     net, theta = with_bias(oracle)
     res = []
-    for fused in (False, True):
-        args.fused = fused
+    for on in (False, True):
+        args.fused = on
         torch.manual_seed(0)
         u = (torch.rand(1) + torch.arange(len(seqs))) / len(seqs)
         loss = algo.train_loss(net, seqs, u, args, 0, {})
         res.append((loss, torch.autograd.grad(loss, theta)[0]))
-    assert torch.allclose(res[0][0], res[1][0], rtol=1e-12) and torch.allclose(res[0][1], res[1][1], atol=1e-12)
+    assert torch.allclose(res[0][0], res[1][0], rtol=1e-12)
+    assert torch.allclose(res[0][1], res[1][1], atol=1e-12)
     assert res[1][1].abs().sum() > 0
 
 
 def test_bench_refuses_bad_flags_in_one_line():
     import bench
-    for argv, message in [(['--iters', '0'], '--iters must be >= 1'), (['--top-p', '0'], '--top-p must be in'),
-                          (['--size', '7M'], "unknown size '7M'"), (['--mem-steps', '0'], '--mem-steps must be')]:
+    cases = [(['--iters', '0'], '--iters must be >= 1'),
+             (['--top-p', '0'], '--top-p must be in'),
+             (['--size', '7M'], "unknown size '7M'"),
+             (['--mem-steps', '0'], '--mem-steps must be')]
+    for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             bench.main(argv)
 
@@ -176,7 +189,8 @@ def test_bench_refuses_bad_flags_in_one_line():
 @pytest.mark.parametrize('name', ['ar', 'mdlm', 'esolm', 'duo'])
 def test_fused_step_saves_no_logits(name, monkeypatch):
     """What the backward keeps: no (rows x vocabulary) tensor beyond one chunk (the plain path saves
-    the logits), and no tensor kept alive only through a view (v of the qkv output pinned all three)."""
+    the logits), and no tensor kept alive only through a view (v of the qkv output pinned all
+    three)."""
     algo = {'ar': ar, 'mdlm': mdlm, 'esolm': esolm, 'duo': duo}[name]
     Kv = 500  # padded to 512: no other dimension of the tiny network
     args = make_args(vocab_size=Kv, tau=0.1)
@@ -191,6 +205,7 @@ def test_fused_step_saves_no_logits(name, monkeypatch):
         # (rows x vocabulary): the logits, or the log-probabilities over the K real ids
         logits = [t for t in saved if t.shape[-1] >= Kv and t.numel() > fused.CHUNK * V]
         assert (not logits) == on, [t.shape for t in logits]
-    pinned = [t for t in saved if t.numel() > 4 * x.numel()  # per-token tensors (not adaLN's per-sequence views)
+    pinned = [t for t in saved
+              if t.numel() > 4 * x.numel()  # per-token tensors (not adaLN's per-sequence views)
               and t.untyped_storage().nbytes() >= 3 * t.numel() * t.element_size()]
     assert not pinned, [t.shape for t in pinned]  # a saved view holding a storage 3x its size

@@ -56,8 +56,8 @@ def recorded_run(out_dir, *extra):
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp('loop')
     trainer, calls, evals, steps = recorded_run(
-        out, '--max-iters', str(STEPS), '--warmup-iters', str(WARMUP), '--lr', str(LR), '--min-lr', str(MIN_LR),
-        '--grad-clip', '1e9', '--ema', '0.9', '--eval-interval', '5')
+        out, '--max-iters', str(STEPS), '--warmup-iters', str(WARMUP), '--lr', str(LR),
+        '--min-lr', str(MIN_LR), '--grad-clip', '1e9', '--ema', '0.9', '--eval-interval', '5')
     return trainer, calls, evals, steps, torch.load(out / 'ckpt.pt', weights_only=True)
 
 
@@ -88,21 +88,24 @@ def test_gradient_is_the_mean_over_the_global_batch(run):
 
 
 def test_gradient_is_clipped_to_the_max_norm(tmp_path):
-    trainer, calls, _, steps = recorded_run(tmp_path, '--max-iters', '2', '--grad-clip', '0.05', '--eval-iters', '1')
+    trainer, calls, _, steps = recorded_run(tmp_path, '--max-iters', '2', '--grad-clip', '0.05',
+                                            '--eval-iters', '1')
     for step in range(2):
         x = torch.cat([c['x'] for c in calls if c['step'] == step])
         expected = direct_gradient(trainer, steps[step]['weights'], x)
         norm = torch.cat([g.flatten() for g in expected.values()]).norm().item()
         assert norm > 0.5  # clipping is active: the gradient received is rescaled to norm 0.05
         for name, g in steps[step]['grads'].items():
-            assert torch.allclose(g, expected[name] * 0.05 / norm, rtol=1e-4, atol=1e-8), (step, name)
+            clipped = expected[name] * 0.05 / norm
+            assert torch.allclose(g, clipped, rtol=1e-4, atol=1e-8), (step, name)
 
 
 def test_learning_rate_warmup_and_cosine(run):
     _, _, _, steps, _ = run
     # linear warmup over 3 steps to 1e-3, then cosine to 1e-4 over the 8 steps left:
     # lr = 1e-4 + 0.5 (1 + cos(pi (step - 3) / 8)) 9e-4
-    expected = {0: 1e-3 / 3, 1: 2e-3 / 3, 2: 1e-3, 3: 1e-3, 5: 8.681981e-4, 7: 5.5e-4, 9: 2.318019e-4, 10: 1.342542e-4}
+    expected = {0: 1e-3 / 3, 1: 2e-3 / 3, 2: 1e-3, 3: 1e-3, 5: 8.681981e-4, 7: 5.5e-4,
+                9: 2.318019e-4, 10: 1.342542e-4}
     for step, lr in expected.items():
         assert steps[step]['lr'] == pytest.approx([lr, lr], rel=1e-6), step
 
@@ -120,9 +123,14 @@ def test_ema_follows_the_weights_with_decay_0_9(run):
 def test_validation_reads_the_val_split(run):
     trainer, _, evals, _, _ = run
     assert len(evals) == 2 * 4  # eval_iters 2 at steps 0, 5, 10 and 11
-    text = lambda ids: ''.join(map(chr, ids))  # token ids as characters: a window is a substring
-    splits = {s: text(np.fromfile(os.path.join(trainer.data_dir, f'{s}.bin'), dtype=trainer.meta['dtype']).tolist())
-              for s in ('train', 'val')}
+
+    def text(ids):  # token ids as characters: a window is a substring
+        return ''.join(map(chr, ids))
+
+    splits = {}
+    for s in ('train', 'val'):
+        ids = np.fromfile(os.path.join(trainer.data_dir, f'{s}.bin'), dtype=trainer.meta['dtype'])
+        splits[s] = text(ids.tolist())
     rows = [text(r) for r in torch.cat(evals).tolist()]
     assert all(r in splits['val'] for r in rows) and not any(r in splits['train'] for r in rows)
 
@@ -130,10 +138,12 @@ def test_validation_reads_the_val_split(run):
 def test_ssl_ratio_cuts_that_fraction_of_training_batches():
     run = train.setup(train.parse_args(TINY + ['--algo', 'mdlm', '--ssl-ratio', '0.1']))
     lengths = [train.get_batch(run, 'train', step, 0, 1)[0].shape[1] for step in range(1000)]
-    cut = sum(n < 32 for n in lengths) / 1000  # a cut to a length in [2, 32] leaves 32 with prob 1/31
+    # a cut to a length in [2, 32] leaves 32 with prob 1/31
+    cut = sum(n < 32 for n in lengths) / 1000
     assert 0.1 * 30 / 31 - 0.05 < cut < 0.1 * 30 / 31 + 0.05  # 5 sigma = 0.047
     assert min(lengths) >= 2 and len(set(lengths)) > 20
-    assert all(train.get_batch(run, 'val', i, 0, 1)[0].shape[1] == 32 for i in range(100))  # never val
+    # never val
+    assert all(train.get_batch(run, 'val', i, 0, 1)[0].shape[1] == 32 for i in range(100))
 
 
 def test_resume_restores_best_val(tmp_path, monkeypatch, capsys):

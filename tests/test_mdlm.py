@@ -24,7 +24,8 @@ def oracle(seqs, probs, K):
     table = torch.cat([table, torch.full((len(states), L, 1), 5.0, dtype=table.dtype)], -1)
     base = (K + 1) ** torch.arange(L - 1, -1, -1)
 
-    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None, head=None):
+    def model(z, sigma=None, causal=False, mask=None, positions=None, cache=None, select=None,
+              head=None):
         assert not causal and mask is None and cache is None and positions is None
         out = table[(z * base).sum(-1)]
         out = out if select is None else out[select]
@@ -174,7 +175,8 @@ def test_cached_equals_uncached_and_tokens_are_kept():
         calls = []
         args.cache = cache
         torch.manual_seed(1)
-        out[cache] = mdlm.sample(recorder(net, calls), args, n, length, prompt, fixed=(tokens, keep)), calls
+        sampled = mdlm.sample(recorder(net, calls), args, n, length, prompt, fixed=(tokens, keep))
+        out[cache] = sampled, calls
     (a, nfe_a), calls_a = out[True]
     (b, nfe_b), calls_b = out[False]
     assert torch.equal(a, b)
@@ -194,11 +196,15 @@ def test_reveals_per_step_follow_the_schedule():
     step is binomial given those still masked. (An exact denoiser samples exactly under any
     schedule, so the samplers' distribution tests cannot see a wrong one.)"""
     K, T, n, length, calls = 5, 8, 4000, 4, []
-    uniform = lambda z, sigma=None, select=None, **kw: torch.zeros(int(select.sum()), K + 1)
+
+    def uniform(z, sigma=None, select=None, **kw):
+        return torch.zeros(int(select.sum()), K + 1)
+
     args = make_args(vocab_size=K, steps=T, cache=False, top_p=1.0, float64=True)
     torch.manual_seed(0)
     mdlm.sample(recorder(uniform, calls), args, n, length)
-    masked = [int((z == K).sum()) for z, _ in calls] + [0] * (T + 2 - len(calls))  # still masked at each step
+    # still masked at each step
+    masked = [int((z == K).sum()) for z, _ in calls] + [0] * (T + 2 - len(calls))
     t = torch.linspace(1, 1e-5, T + 1, dtype=torch.float64).tolist()
     assert len(calls) >= T and masked[0] == n * length
     for i in range(T):
@@ -236,15 +242,21 @@ def test_semi_autoregressive_beyond_the_context(monkeypatch):
     K, n, context, stride, length = 20, 2, 16, 6, 40
     windows, calls = [], []
     denoise = mdlm.denoise
-    monkeypatch.setattr(mdlm, 'denoise', lambda model, args, z, *a: windows.append(z.clone()) or denoise(model, args, z, *a))
+
+    def recording_denoise(model, args, z, *a):
+        windows.append(z.clone())
+        return denoise(model, args, z, *a)
+
+    monkeypatch.setattr(mdlm, 'denoise', recording_denoise)
     args = make_args(vocab_size=K, steps=8, cache=True, top_p=1.0, float64=True,
-                              block_size=context, stride=stride)
+                     block_size=context, stride=stride)
     prompt = torch.randint(0, K, (n, 3))
     keep = torch.zeros(n, length, dtype=torch.bool)
     keep[:, 30] = True  # a token fixed in a later window
     tokens = torch.randint(0, K, (n, length))
     torch.manual_seed(0)
-    x, nfe = mdlm.sample(recorder(tiny_dit(K), calls), args, n, length, prompt, fixed=(tokens, keep))
+    x, nfe = mdlm.sample(recorder(tiny_dit(K), calls), args, n, length, prompt,
+                         fixed=(tokens, keep))
     assert x.shape == (n, length) and x.max() < K and nfe == len(calls)
     assert torch.equal(x[:, :3], prompt) and torch.equal(x[:, 30], tokens[:, 30])
     assert all(z.shape[1] <= context for z, _ in calls)

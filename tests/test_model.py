@@ -46,7 +46,8 @@ def test_bool_mask_matches_is_causal():
 
 def test_causal_attention_leaks_nothing_from_the_future():
     m = random_dit(std=0.1).double()
-    emb = torch.randn(1, 8, 50, dtype=torch.float64, requires_grad=True)  # soft inputs, so we can take gradients
+    # soft inputs, so we can take gradients
+    emb = torch.randn(1, 8, 50, dtype=torch.float64, requires_grad=True)
     out = m(emb.softmax(-1), causal=True)
     out[0, 3, :50].sum().backward()
     grad = emb.grad[0].abs().sum(-1)
@@ -72,11 +73,13 @@ def test_kv_cache_decoding_equals_the_full_forward():
 
 
 def test_size_ladder():
-    guide = ('6M 256,6,4 19M 384,8,6 34M 512,8,8 48M 576,9,9 66M 640,10,10 75M 640,16,8 85M 640,13,10 '
-             '113M 768,12,12 142M 768,15,12 170M 768,18,12 180M 896,14,14 206M 896,16,14 231M 896,18,14 '
-             '268M 1024,16,16 302M 1024,18,16 336M 1024,20,16 472M 1280,18,10 551M 1280,21,10 '
-             '571M 1408,18,11 629M 1280,24,10 666M 1408,21,11 761M 1408,24,11 831M 1536,22,12 '
-             '944M 1536,25,12 1233M 1792,24,14 1476M 2048,22,16 1678M 2048,25,16 2121M 2176,28,17').split()
+    guide = ('6M 256,6,4 19M 384,8,6 34M 512,8,8 48M 576,9,9 66M 640,10,10 75M 640,16,8 '
+             '85M 640,13,10 113M 768,12,12 142M 768,15,12 170M 768,18,12 180M 896,14,14 '
+             '206M 896,16,14 231M 896,18,14 268M 1024,16,16 302M 1024,18,16 '
+             '336M 1024,20,16 472M 1280,18,10 551M 1280,21,10 571M 1408,18,11 '
+             '629M 1280,24,10 666M 1408,21,11 761M 1408,24,11 831M 1536,22,12 '
+             '944M 1536,25,12 1233M 1792,24,14 1476M 2048,22,16 1678M 2048,25,16 '
+             '2121M 2176,28,17').split()
     ladder = dict(zip(guide[::2], (tuple(map(int, s.split(','))) for s in guide[1::2])))
     assert len(ladder) == 28
     for name, dims in ladder.items():
@@ -94,7 +97,8 @@ def test_size_ladder():
 def test_flops_match_the_seed():
     """Forward FLOPs per sequence at context 2048 with the seed's 32001-token vocabulary,
     as its configs/flops/*.json record them (MATH (36)), within 0.5%."""
-    seed = {'6M': 5.3026e10, '19M': 1.0860e11, '113M': 4.4941e11, '472M': 1.6187e12, '2121M': 6.8054e12}
+    seed = {'6M': 5.3026e10, '19M': 1.0860e11, '113M': 4.4941e11, '472M': 1.6187e12,
+            '2121M': 6.8054e12}
     for size, flops in seed.items():
         per_seq = M.flops_per_token(get_config(size, 32001), 2048) * 2048
         assert abs(per_seq / flops - 1) < 0.005, size
@@ -117,7 +121,8 @@ def test_attention_term_of_the_flops():
     cfg = get_config('19M', 50257)
     for T, attention in ((2048, 25_165_824), (256, 3_145_728)):
         assert M.flops_per_token(cfg, T, attention=True) - M.flops_per_token(cfg, T) == attention
-    assert M.flops_per_token(cfg, 2048) == 66_911_328  # 2 (8 x 12 x 384^2 + 384 x 50257) + adaLN 4915200 / 2048
+    # 2 (8 x 12 x 384^2 + 384 x 50257) + adaLN 4915200 / 2048
+    assert M.flops_per_token(cfg, 2048) == 66_911_328
 
 
 def test_rotary_makes_attention_depend_on_relative_position_only():
@@ -125,13 +130,16 @@ def test_rotary_makes_attention_depend_on_relative_position_only():
     x = torch.randint(0, 50, (2, 9))
     pos = torch.arange(9).expand(2, 9)
     out = m(x, positions=pos)
-    for shift in (1, 37):  # the same offsets between all positions: the same output (logits ~30;
-        assert torch.allclose(m(x, positions=pos + shift), out, atol=1e-3), shift  # float32 angles: ~5e-5)
+    # the same offsets between all positions: the same output (logits ~30; float32 angles: ~5e-5)
+    for shift in (1, 37):
+        assert torch.allclose(m(x, positions=pos + shift), out, atol=1e-3), shift
     assert not torch.allclose(m(x, positions=pos * 2), out, atol=1)  # other offsets: another output
 
 
 def test_top_p_at_exactly_the_boundary():
     """A token whose preceding mass equals top_p exactly is not needed: dropped."""
     probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]], dtype=torch.float64)  # exact in binary
-    assert torch.equal(M.top_p_filter(probs, 0.75), torch.tensor([[0, 2 / 3, 0, 1 / 3]], dtype=torch.float64))
-    assert torch.equal(M.top_p_filter(probs, 0.5), torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))
+    assert torch.equal(M.top_p_filter(probs, 0.75),
+                       torch.tensor([[0, 2 / 3, 0, 1 / 3]], dtype=torch.float64))
+    assert torch.equal(M.top_p_filter(probs, 0.5),
+                       torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))

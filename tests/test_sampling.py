@@ -1,7 +1,6 @@
 """Sampling as every method shares it: infilling against the exact conditional law of an
 enumerable toy, windows beyond the context, the per-step callback, NFE counts, Duo's noise
 removal, and sample.py's --infill, --trace, --trace-html and refusals."""
-import argparse
 import io
 import json
 import math
@@ -52,7 +51,7 @@ def test_infilled_samples_follow_the_exact_conditional_law(name, given):
     K, L, S = 3, 3, 20000
     seqs, probs = toy_distribution(K, L, seed=6)
     given = torch.tensor(given)
-    v = seqs[probs.argmax()]                         # the given values: those of the likeliest sequence
+    v = seqs[probs.argmax()]  # the given values: those of the likeliest sequence
     cond = probs * (seqs[:, given] == v[given]).all(1)
     cond = cond / cond.sum()
     net = (mdlm_oracle if name == 'mdlm' else esolm_oracle)(seqs, probs, K)
@@ -68,7 +67,7 @@ def test_infilled_samples_follow_the_exact_conditional_law(name, given):
 def test_duo_keeps_every_given_token_and_ar_every_prompt_token():
     K, n, L = 20, 8, 12
     tokens = torch.randint(0, K, (n, L))
-    given = torch.rand(n, L) < 0.4                   # rows may differ: Duo clamps position by position
+    given = torch.rand(n, L) < 0.4  # rows may differ: Duo clamps position by position
     torch.manual_seed(0)
     x, nfe = duo.sample(random_net(duo, K), args_for(), n, L, fixed=(tokens, given))
     assert torch.equal(x[given], tokens[given]) and nfe == 4 + 1
@@ -78,7 +77,8 @@ def test_duo_keeps_every_given_token_and_ar_every_prompt_token():
     assert torch.equal(x[:, :3], prompt) and nfe == L - 3
     with pytest.raises(ValueError, match='cannot fill gaps'):
         ar.sample(random_net(ar, K), args_for(), n, L, prompt, fixed=(tokens, given))
-    with pytest.raises(ValueError, match='same number of clean tokens'):  # Eso-LM decides rows in lockstep
+    # Eso-LM decides rows in lockstep
+    with pytest.raises(ValueError, match='same number of clean tokens'):
         esolm.sample(random_net(esolm, K), args_for(), n, L, fixed=(tokens, given))
 
 
@@ -98,9 +98,13 @@ def test_windows_beyond_the_context_keep_each_prefix(name, monkeypatch):
     monkeypatch.setattr(module, 'denoise', spy)
     args = args_for(vocab_size=K, block_size=context, stride=stride)
     prompt = torch.randint(0, K, (n, 3))
+
+    def callback(z, nfe, noisy):
+        reports.append((z.clone(), nfe, noisy.clone()))
+
     torch.manual_seed(0)
     x, nfe = module.sample(recorder(random_net(module, K), calls), args, n, length, prompt,
-                           callback=lambda z, nfe, noisy: reports.append((z.clone(), nfe, noisy.clone())))
+                           callback=callback)
     assert x.shape == (n, length) and torch.equal(x[:, :3], prompt) and x.max() < K
     assert nfe == len(calls) == sum(w[3] for w in windows)   # NFE counts every window's calls
     # windows: [0, 16), then each 10 tokens of the text so far, clean, and 6 new positions
@@ -109,13 +113,15 @@ def test_windows_beyond_the_context_keep_each_prefix(name, monkeypatch):
     for (z, keep, out, _), start in zip(windows, starts):
         assert torch.equal(out, x[:, max(start - 10, 0):max(start - 10, 0) + 16])
         if start:
-            assert torch.equal(z[:, :10], x[:, start - 10:start]) and keep[:, :10].all() and not keep[:, 10:].any()
+            assert torch.equal(z[:, :10], x[:, start - 10:start])
+            assert keep[:, :10].all() and not keep[:, 10:].any()
     # the callback sees every step, on the whole sequence, with the NFE so far
-    assert [r[1] for r in reports] == list(range(nfe + 1))  # a report per call here, and one at the start
+    # a report per call here, and one at the start
+    assert [r[1] for r in reports] == list(range(nfe + 1))
     assert torch.equal(reports[0][0][:, :3], prompt) and reports[0][2][:, 3:].all()
     assert all(r[0].shape == (n, length) for r in reports)
     assert torch.equal(reports[-1][0], x) and not reports[-1][2].any()
-    if name != 'duo':                                # masked (or not yet written) positions are flagged
+    if name != 'duo':  # masked (or not yet written) positions are flagged
         assert all(torch.equal(noisy, z >= K) for z, _, noisy in reports)
 
 
@@ -131,9 +137,13 @@ def test_duo_noise_removal_is_one_more_call_at_t_1e5():
         return p.log().expand(*z.shape, K)
     torch.manual_seed(0)
     x, nfe = duo.sample(model, args_for(vocab_size=K, steps=T, greedy_tail=True), 3000, L)
-    alpha = lambda t: 1 - (1 - duo.EPS) * t
+
+    def alpha(t):
+        return 1 - (1 - duo.EPS) * t
+
     ts = torch.linspace(1, 1e-5, T + 1, dtype=torch.float64).tolist()
-    assert nfe == T + 1 and calls == pytest.approx([-math.log(alpha(t)) for t in ts], rel=1e-6)  # last: t = 1e-5
+    sigmas = [-math.log(alpha(t)) for t in ts]  # last: t = 1e-5
+    assert nfe == T + 1 and calls == pytest.approx(sigmas, rel=1e-6)
     assert (x == 0).all()                            # argmax x_theta everywhere
     calls.clear()
     x, nfe = duo.sample(model, args_for(vocab_size=K, steps=T), 3000, L)
@@ -163,17 +173,20 @@ def ckpts(tmp_path_factory):
     tmp, K = tmp_path_factory.mktemp('sampling'), data.get_tokenizer('byte').vocab_size
     for name, module in METHODS.items():
         model = random_net(module, K)
-        torch.save({'model': model.state_dict(), 'config': asdict(model.cfg), 'algo': name, 'step': 0,
-                    'args': {'block_size': 32}, 'meta': {'tokenizer': 'byte', 'vocab_size': K}}, tmp / f'{name}.pt')
+        ckpt = {'model': model.state_dict(), 'config': asdict(model.cfg), 'algo': name, 'step': 0,
+                'args': {'block_size': 32}, 'meta': {'tokenizer': 'byte', 'vocab_size': K}}
+        torch.save(ckpt, tmp / f'{name}.pt')
     return tmp
 
 
 def test_infill_cli_keeps_the_text(ckpts, capsys):
     for name in ['mdlm', 'duo', 'esolm']:
-        tokens, _ = sample.main(['--ckpt', str(ckpts / f'{name}.pt'), '--infill', 'ROMEO: [5] my love [3].',
+        tokens, _ = sample.main(['--ckpt', str(ckpts / f'{name}.pt'),
+                                 '--infill', 'ROMEO: [5] my love [3].',
                                  '--num-samples', '2', '--steps', '4', '--dtype', 'float32'])
         text = capsys.readouterr().out
-        assert tokens.shape == (2, 1 + 7 + 5 + 9 + 3 + 1)   # start token, text and gaps; --length from the text
+        # start token, text and gaps; --length from the text
+        assert tokens.shape == (2, 1 + 7 + 5 + 9 + 3 + 1)
         assert re.search(r'ROMEO: .{5} my love .{3}\.', text, re.S), text
     with pytest.raises(SystemExit, match='AR writes left to right'):
         sample.main(['--ckpt', str(ckpts / 'ar.pt'), '--infill', 'a [3] b'])
@@ -183,20 +196,26 @@ def test_infill_cli_keeps_the_text(ckpts, capsys):
 
 def test_trace_html_holds_every_step_and_the_final_text(ckpts, tmp_path, capsys):
     page = tmp_path / 'trace.html'
-    tokens, nfe = sample.main(['--ckpt', str(ckpts / 'esolm.pt'), '--length', '24', '--steps', '24', '--num-samples', '2',
-                               '--dtype', 'float32', '--trace', '--trace-html', str(page)])
+    tokens, nfe = sample.main(['--ckpt', str(ckpts / 'esolm.pt'), '--length', '24', '--steps', '24',
+                               '--num-samples', '2', '--dtype', 'float32', '--trace',
+                               '--trace-html', str(page)])
     out = capsys.readouterr().out
-    assert '\x1b' not in out and f'--- step {nfe} | NFE {nfe} ---' in out   # plain text: not a terminal
+    # plain text: not a terminal
+    assert '\x1b' not in out and f'--- step {nfe} | NFE {nfe} ---' in out
     text = page.read_text()
-    assert 'http' not in text and 'src=' not in text and list(tmp_path.iterdir()) == [page]  # self-contained, no tmp
-    blob = json.loads(re.search(r'const D=(.*?), s=document', text, re.S).group(1).replace('<\\/', '</'))
+    # self-contained, no tmp
+    assert 'http' not in text and 'src=' not in text and list(tmp_path.iterdir()) == [page]
+    found = re.search(r'const D=(.*?), s=document', text, re.S).group(1)
+    blob = json.loads(found.replace('<\\/', '</'))
     frames = blob['frames']
-    assert [f[0] for f in frames] == [f[1] for f in frames] == list(range(nfe + 1))  # step 0: the start
+    # step 0: the start
+    assert [f[0] for f in frames] == [f[1] for f in frames] == list(range(nfe + 1))
     step_tokens, last = frames[-1][2], frames[-1][3]
     assert step_tokens == tokens[0].tolist() and 'm' not in last
     tok = data.get_tokenizer('byte')
     assert ''.join(blob['pieces'][str(i)] for i in step_tokens) == tok.decode(tokens[0].tolist())
-    assert frames[0][3] == 'd' + 'm' * 23 and frames[1][3].count('d') == 24 - frames[1][3].count('m') - 1
+    assert frames[0][3] == 'd' + 'm' * 23
+    assert frames[1][3].count('d') == 24 - frames[1][3].count('m') - 1
 
 
 def test_tracer_marks_and_terminal_colours():
@@ -207,18 +226,28 @@ def test_tracer_marks_and_terminal_colours():
     M = tok.vocab_size
     trace(torch.tensor([[104, M, M]]), 0, torch.tensor([[False, True, True]]))
     trace(torch.tensor([[104, 105, M]]), 1, torch.tensor([[False, False, True]]))
-    assert '--- step 0 | NFE 0 ---' in screen.getvalue() and 'step 1' not in screen.getvalue()  # every 2nd
-    trace(torch.tensor([[104, 105, 33]]), 2, torch.tensor([[False, False, True]]))  # Duo: still noisy
+    # every 2nd
+    assert '--- step 0 | NFE 0 ---' in screen.getvalue() and 'step 1' not in screen.getvalue()
+    # Duo: still noisy
+    trace(torch.tensor([[104, 105, 33]]), 2, torch.tensor([[False, False, True]]))
     trace(torch.tensor([[104, 106, 33]]), 3, torch.tensor([[False, False, False]]))
     assert [f[3] for f in trace.frames] == ['dmm', 'cdm', 'ccn', 'cdd']
-    assert '\x1b[2m!' in screen.getvalue() and '\x1b[1;7mh' in screen.getvalue()  # dimmed noisy, highlighted new
+    # dimmed noisy, highlighted new
+    assert '\x1b[2m!' in screen.getvalue() and '\x1b[1;7mh' in screen.getvalue()
 
 
 @pytest.mark.parametrize('flag, value, says', [
-    ('--top-p', '0', 'in (0, 1]'), ('--top-p', '-0.5', 'in (0, 1]'), ('--top-p', '1.5', 'in (0, 1]'),
-    ('--length', '0', '>= 1'), ('--num-samples', '0', '>= 1'), ('--steps', '0', 'positive integer'),
-    ('--stride', '32', 'in [1, 31]'), ('--stride', '0', 'in [1, 31]'), ('--temperature', '0', '> 0'),
-    ('--trace-every', '0', '>= 1')])
+    ('--top-p', '0', 'in (0, 1]'),
+    ('--top-p', '-0.5', 'in (0, 1]'),
+    ('--top-p', '1.5', 'in (0, 1]'),
+    ('--length', '0', '>= 1'),
+    ('--num-samples', '0', '>= 1'),
+    ('--steps', '0', 'positive integer'),
+    ('--stride', '32', 'in [1, 31]'),
+    ('--stride', '0', 'in [1, 31]'),
+    ('--temperature', '0', '> 0'),
+    ('--trace-every', '0', '>= 1'),
+])
 def test_out_of_range_values_are_refused_with_one_line(ckpts, flag, value, says):
     with pytest.raises(SystemExit) as e:
         sample.main(['--ckpt', str(ckpts / 'duo.pt'), flag, value])

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import ar
-import data
 import sample
 import train
-from model import DiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--algo', 'ar', '--size', 'tiny', '--tokenizer', 'byte', '--block-size', '32', '--batch-size', '4',
-        '--micro-batch-size', '4', '--eval-iters', '2', '--eval-interval', '10', '--log-interval', '1',
-        '--dtype', 'float32', '--device', 'cpu', '--no-compile', '--lr', '3e-3']
+TINY = ['--algo', 'ar', '--size', 'tiny', '--tokenizer', 'byte', '--block-size', '32',
+        '--batch-size', '4', '--micro-batch-size', '4', '--eval-iters', '2',
+        '--eval-interval', '10', '--log-interval', '1', '--dtype', 'float32', '--device', 'cpu',
+        '--no-compile', '--lr', '3e-3']
 
 
 def log(out_dir, key):
@@ -30,7 +29,8 @@ def log(out_dir, key):
 def run(*argv):
     """Run a script in a subprocess: (return code, stdout, stderr)."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}  # a missing dataset fails at once, without retries
-    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -48,14 +48,17 @@ class Preempted(Exception):
 def rows(out_dir):
     """The log as (step, keys) per row: what a reader of log.jsonl sees."""
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [(r['step'], sorted(k for k in r if k not in ('tok_per_s', 'mfu'))) for r in map(json.loads, f)]
+        return [(r['step'], sorted(k for k in r if k not in ('tok_per_s', 'mfu')))
+                for r in map(json.loads, f)]
 
 
 @pytest.mark.parametrize('algo', ['ar', 'mdlm'])
 def test_resume_equals_the_uninterrupted_run(algo, tmp_path, monkeypatch):
     """Preempted at step 13, resumed from the step-10 checkpoint: the same losses, as
-    randomness is a function of (seed, step, slice); evaluations (every 7) fall between checkpoints."""
-    args = TINY + ['--algo', algo, '--max-iters', '20', '--ckpt-interval', '10', '--eval-interval', '7', '--ema', '0.9']
+    randomness is a function of (seed, step, slice); evaluations (every 7) fall between
+    checkpoints."""
+    args = TINY + ['--algo', algo, '--max-iters', '20', '--ckpt-interval', '10',
+                   '--eval-interval', '7', '--ema', '0.9']
     train.main(args + ['--out-dir', str(tmp_path / 'a')])
     method = importlib.import_module(algo)
     real_loss = method.train_loss
@@ -88,7 +91,8 @@ def test_resume_equals_the_uninterrupted_run(algo, tmp_path, monkeypatch):
 def test_resume_auto(tmp_path, capsys):
     args = TINY + ['--max-iters', '10', '--out-dir', str(tmp_path), '--resume', 'auto']
     train.main(args)  # nothing there: a fresh run
-    train.main(args[:args.index('--max-iters')] + ['--max-iters', '15'] + args[args.index('--max-iters') + 2:])
+    i = args.index('--max-iters')
+    train.main(args[:i] + ['--max-iters', '15'] + args[i + 2:])
     assert 'resumed' in capsys.readouterr().out and max(log(tmp_path, 'train_loss')) == 15
     with pytest.raises(SystemExit, match='another run'):
         train.main(args + ['--seed', '5'])
@@ -108,7 +112,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def rank_val(argv, ckpt, rank, world):
-    """The validation loss that rank `rank` of `world` computes on its rows, before the all-reduce."""
+    """The validation loss that rank `rank` of `world` computes on its rows, before the
+    all-reduce."""
     run = train.setup(train.parse_args(argv))
     run.rank = rank
     run.args = argparse.Namespace(**{**vars(run.args), 'world_size': world})
@@ -117,10 +122,13 @@ def rank_val(argv, ckpt, rank, world):
 
 
 def test_ddp_two_ranks_equal_one_rank_with_two_micro_steps(tmp_path):
-    """MDLM, whose noise must be a function of (seed, step, slice) too; an evaluation between steps."""
-    common = TINY + ['--algo', 'mdlm', '--micro-batch-size', '2', '--max-iters', '3', '--eval-interval', '2']
-    rc, out, err = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-                       *common, '--out-dir', str(tmp_path / 'ddp'))  # the last flag wins
+    """MDLM, whose noise must be a function of (seed, step, slice) too; an evaluation between
+    steps."""
+    common = TINY + ['--algo', 'mdlm', '--micro-batch-size', '2', '--max-iters', '3',
+                     '--eval-interval', '2']
+    # the last flag wins
+    rc, out, err = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                       'train.py', *common, '--out-dir', str(tmp_path / 'ddp'))
     assert rc == 0, err[-2000:]
     train.main(common + ['--out-dir', str(tmp_path / 'one')])
     ddp, one = log(tmp_path / 'ddp', 'train_loss'), log(tmp_path / 'one', 'train_loss')
@@ -129,7 +137,8 @@ def test_ddp_two_ranks_equal_one_rank_with_two_micro_steps(tmp_path):
         assert ddp[step] == pytest.approx(one[step], abs=1e-5)
     # the validation loss is the mean over both ranks' rows (all-reduced), not rank 0's
     ckpt = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=True)
-    local = [rank_val(common + ['--out-dir', str(tmp_path / 'x')], ckpt, rank, 2) for rank in (0, 1)]
+    argv = common + ['--out-dir', str(tmp_path / 'x')]
+    local = [rank_val(argv, ckpt, rank, 2) for rank in (0, 1)]
     assert abs(local[0] - local[1]) > 1e-3  # so rank 0 alone would be caught below
     assert log(tmp_path / 'ddp', 'val_loss')[3] == pytest.approx(sum(local) / 2, abs=1e-6)
 
@@ -166,8 +175,8 @@ def test_flops_budget_sets_the_steps(capsys):
 def test_sample_cli(tmp_path, capsys):
     train.main(TINY + ['--max-iters', '5', '--out-dir', str(tmp_path)])
     ckpt = str(tmp_path / 'ckpt.pt')
-    a, nfe = sample.main(['--ckpt', ckpt, '--num-samples', '2', '--length', '24', '--prompt', 'To be',
-                          '--dtype', 'float32'])
+    a, nfe = sample.main(['--ckpt', ckpt, '--num-samples', '2', '--length', '24',
+                          '--prompt', 'To be', '--dtype', 'float32'])
     out = capsys.readouterr().out
     assert a.shape == (2, 24) and nfe == 24 - 6 and 'NFE 18' in out and 'To be' in out
     b, _ = sample.main(['--ckpt', ckpt, '--num-samples', '2', '--length', '24', '--prompt', 'To be',
