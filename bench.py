@@ -139,14 +139,17 @@ def train_seconds(r, args):  # median seconds of one optimizer step (forward, ba
 def profile(r, args):
     """Shares of a step: the blocks (a step with a free stand-in for output layer + loss, less the
     optimizer), output layer + loss (forward and backward again on the inputs it had), the
-    optimizer."""
+    optimizer. Fused entries only: on the plain path the loss follows the logits outside the
+    network, where a stand-in cannot isolate it."""
+    if not r['args'].fused:
+        return {}
     heads = []
 
-    def stand_in(x, loss=None, **kw):
-        def head(h, W, b):
-            heads.append((loss, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
+    def stand_in(x, head=None, **kw):
+        def capture(h, W, b):  # a free output layer + loss: records what the real one gets
+            heads.append((head, h.detach().requires_grad_(), W, b.detach().requires_grad_()))
             return (h * 0).float().sum()  # the blocks still run backward
-        return r['compiled'](x, loss=head, **kw)
+        return r['compiled'](x, head=capture, **kw)
     step, _ = timed(lambda: train_step(r, stand_in), args.device)
     with r['autocast']:
         head, out = timed(lambda: sum(loss(h, W, b) for loss, h, W, b in heads), args.device)

@@ -186,6 +186,20 @@ def test_bench_refuses_bad_flags_in_one_line():
             bench.main(argv)
 
 
+def test_bench_profile_splits_a_fused_step():
+    """--profile on a fused step: three positive shares that add up to one; a plain entry,
+    whose loss follows the logits outside the network, reports none."""
+    import bench
+    argv = ['--algo', 'mdlm', 'duo', 'mdlm:fused=False', '--size', 'tiny', '--tokenizer', 'byte',
+            '--block-size', '16', '--batch-size', '2', '--iters', '1', '--rounds', '1',
+            '--no-sample', '--profile', '--dtype', 'float32']
+    results = bench.main(argv)
+    shares = ('share_blocks', 'share_output_layer_loss', 'share_optimizer')
+    for r in results[:2]:
+        assert all(r[k] > 0 for k in shares) and sum(r[k] for k in shares) == pytest.approx(1)
+    assert not any(k in results[2] for k in shares)
+
+
 @pytest.mark.parametrize('name', ['ar', 'mdlm', 'esolm', 'duo'])
 def test_fused_step_saves_no_logits(name, monkeypatch):
     """What the backward keeps: no (rows x vocabulary) tensor beyond one chunk (the plain path saves
