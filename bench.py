@@ -186,11 +186,17 @@ def peak_memory(spec, args):
 
 # in a fresh process, the default allocator: does the heap grow over steps?
 def resident_memory(spec, args):
-    r, out = setup(spec, args), {}
+    """Resident set after 20 steps and after --mem-steps, and the growth per step between (bytes;
+    the default allocator, a fresh process: does memory creep as the steps go by?)."""
+    r = setup(spec, args)
+    out = {}
     for step in range(1, args.mem_steps + 1):
         train_step(r)
         if step in (20, args.mem_steps):
             out[f'rss_after_{step}_steps'] = resident_bytes()
+    if args.mem_steps > 20:
+        growth = out[f'rss_after_{args.mem_steps}_steps'] - out['rss_after_20_steps']
+        out['rss_growth_per_step'] = growth / (args.mem_steps - 20)
     return out
 
 

@@ -6,11 +6,15 @@ file is written to a temporary name and renamed: a crash leaves the old file or 
 never half of one. train.py, sample.py, eval.py and scaling.py read checkpoints through here.
 """
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 
 import torch
 
+from data import no_room
 from model import DiT, Config
 
 KEYS = {'model', 'config', 'args', 'algo', 'step', 'meta'}
@@ -44,15 +48,39 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt
 
 
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nest of dicts and lists (what torch.save writes, about)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(ckpt, path):
+    """torch.save to a temporary name, then rename: a crash or a full disk leaves the previous
+    checkpoint whole and no temporary file behind; a failed write is one line (no_room)."""
     tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)              # atomic
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)          # atomic
+    except BaseException as e:         # a full disk, or a second signal mid-write
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's writer reports ENOSPC as either
+            raise SystemExit(no_room(path, e, tensor_bytes(ckpt)) + ' (--out-dir)') from None
+        raise
 
 
 def append_log(out_dir, record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    path = os.path.join(out_dir, 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        raise SystemExit(no_room(path, e)) from None
 
 
 def trim_log(out_dir, step):
@@ -65,9 +93,14 @@ def trim_log(out_dir, step):
     rows = [r for r in rows
             if r.get('step', 0) < step or (r.get('step') == step and 'val_loss' not in r)]
     tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(tmp, path)  # atomic
+    try:
+        with open(tmp, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        os.replace(tmp, path)  # atomic
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise SystemExit(no_room(path, e)) from None
 
 
 def check_out_dir(args):
@@ -80,3 +113,24 @@ def check_out_dir(args):
         os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK) or not os.path.isdir(args.out_dir):
         raise SystemExit(f'cannot write to --out-dir {args.out_dir}: pass another --out-dir')
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir/.lock for as long as the returned file stays open: the OS
+    releases it when the process ends, so even a SIGKILL leaves no stale lock. A second trainer
+    in the same out-dir is refused in one line naming the first."""
+    f = open(os.path.join(out_dir, '.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise SystemExit(f'{out_dir} is in use by another trainer ({holder}): wait for it to '
+                         f'end or stop it, or pass another --out-dir') from None
+    f.seek(0)
+    f.truncate()
+    started = time.strftime('%Y-%m-%d %H:%M:%S')
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}, started {started}\n')
+    f.flush()
+    return f

@@ -48,6 +48,7 @@ def get_parser():
     g.add_argument('--size', default='6M', help=f"model size: {', '.join(SIZES)} (default: 6M)")
     g.add_argument('--dataset', default='shakespeare',
                    help='data.py prepares it once (default: shakespeare)')
+    g.add_argument('--data-config', help="a Hub dataset's configuration (data.py --config)")
     g.add_argument('--tokenizer', default='gpt2',
                    help='gpt2 | byte | hf:NAME | a tiktoken encoding (default: gpt2)')
     g.add_argument('--out-dir', help='default: out/<algo>-<size>')
@@ -178,6 +179,21 @@ def plan(args):
             'micro_steps_per_rank': args.grad_accum, 'steps': args.max_iters,
             'total_tokens': args.max_iters * tokens,
             'total_flops': 3 * per_token * tokens * args.max_iters}
+
+
+def print_plan(args):
+    """--dry-run: the plan, every resolved default, and the epochs if the data is prepared."""
+    info = plan(args)
+    d = data.dataset_dir(args.dataset, args.tokenizer, args.data_config)  # if prepared already
+    info['epochs'] = 'unknown (not prepared yet)'
+    if os.path.exists(os.path.join(d, 'meta.json')):
+        info['epochs'] = args.max_iters * info['global_batch_tokens'] / data.num_tokens(d, 'train')
+    shown = ('warmup_iters', *DEVICE_DEFAULTS, *load_algo(args.algo).defaults(args, False),
+             'decay')
+    info.update({k: getattr(args, k) for k in shown if getattr(args, k) is not None})
+    if int(os.environ.get('RANK', 0)) == 0:
+        for k, v in info.items():
+            print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
 
 
 def add_method_args(parser):

@@ -1,4 +1,4 @@
-"""Tokenizers, dataset preparation and batches. Knows no model.
+"""Dataset preparation and batches (the tokenizers: tokenizer.py). Knows no model.
 
     python data.py shakespeare --tokenizer byte  # 42 shipped works (default), 257 ids: fast on CPU
     python data.py ~/texts/ --text-column text   # a folder, glob or file: .txt, .jsonl or .parquet
@@ -10,96 +10,27 @@ documents separated by the end-of-text id, as a uint16 memmap (uint32 if the voc
 it); val: whole documents.
 """
 import argparse
-import base64
 import contextlib
-import functools
 import glob
 import hashlib
 import json
-import lzma
 import os
+import shutil
 import re
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
 from multiprocessing import Pool
-from typing import Callable
 
 import numpy as np
 import torch
 
+from tokenizer import ASSETS, Tokenizer, get_tokenizer  # noqa: F401 (data.Tokenizer, ...)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, 'data')
-ASSETS = os.path.join(HERE, 'assets')  # shipped: GPT-2's BPE ranks and the 42 works (its README.md)
 SHAKESPEARE = os.path.join(ASSETS, 'shakespeare.tar.xz')
 EXTENSIONS = ('.txt', '.jsonl', '.json', '.parquet')
-EOS = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')  # an HF tokenizer's document separator
-
-
-# ---- tokenizers ------------------------------------------------------------
-
-@dataclass
-class Tokenizer:
-    name: str
-    encode: Callable   # str -> list[int], no special tokens
-    decode: Callable   # list[int] -> str
-    vocab_size: int    # K real ids, end-of-text included
-    eot: int           # end-of-text id, written between documents
-
-
-@functools.cache
-def get_tokenizer(name):
-    """byte (256 bytes + end-of-text), gpt2 (r50k_base, shipped), a tiktoken encoding or hf:NAME."""
-    if name == 'byte':
-        def decode(ids):
-            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
-        return Tokenizer('byte', lambda s: list(s.encode('utf-8')), decode, 257, 256)
-    if name.startswith('hf:'):
-        return hf_tokenizer(name)
-    import tiktoken
-    try:
-        enc = gpt2_encoding() if name in ('gpt2', 'r50k_base') else tiktoken.get_encoding(name)
-    except ValueError:
-        raise SystemExit(f"unknown tokenizer '{name}': "
-                         "use byte, gpt2, hf:NAME or a tiktoken encoding name")
-    except Exception as e:
-        raise SystemExit(f"cannot load the BPE file of '{name}' ({type(e).__name__}): "
-                         "connect to the internet once, or set TIKTOKEN_CACHE_DIR "
-                         "to a folder holding tiktoken's cached file")
-    return Tokenizer(name, enc.encode_ordinary, enc.decode, enc.n_vocab, enc.eot_token)
-
-
-def gpt2_encoding():
-    """GPT-2's BPE from the shipped ranks (lines 'base64(token) rank'), tiktoken's r50k pattern."""
-    import tiktoken
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-    with lzma.open(os.path.join(ASSETS, 'gpt2.tiktoken.xz')) as f:
-        ranks = {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, f)}
-    return tiktoken.Encoding('r50k_base', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: 50256})
-
-
-def hf_tokenizer(name):
-    """hf:PATH (a tokenizer.json or a folder with one) or hf:NAME (Hub); eos separates documents."""
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError:
-        raise SystemExit(f'--tokenizer {name} needs the tokenizers package: '
-                         'pip install tokenizers') from None
-    path = os.path.expanduser(name[3:])
-    path = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
-    try:
-        hf = (HFTokenizer.from_file(path) if os.path.isfile(path)
-              else HFTokenizer.from_pretrained(name[3:]))
-    except Exception as e:
-        raise SystemExit(f"cannot load tokenizer '{name[3:]}' ({type(e).__name__}): "
-                         "pass a Hub name, a tokenizer.json or a folder holding one") from None
-    eot = [i for i in map(hf.token_to_id, EOS) if i is not None]
-    if not eot:
-        raise SystemExit(f"tokenizer '{name[3:]}' has no end-of-text token ({', '.join(EOS)})")
-    return Tokenizer(name, lambda s: hf.encode(s, add_special_tokens=False).ids, hf.decode,
-                     hf.get_vocab_size(), eot[0])
 
 
 def token_dtype(vocab_size):
@@ -177,11 +108,24 @@ def slug(name):
     return re.sub(r'[^A-Za-z0-9._-]+', '_', name)
 
 
-def dataset_dir(name, tokenizer):
-    """data/<dataset>-<tokenizer>/ (two sources never share one), or `name` if a prepared folder."""
+def dataset_dir(name, tokenizer, config=None):
+    """data/<dataset>[-<config>]-<tokenizer>/ (two sources, or two configurations of one Hub
+    dataset, never share one), or `name` itself if it is a prepared folder."""
     if os.path.isfile(os.path.join(os.path.expanduser(name), 'meta.json')):
         return os.path.expanduser(name)
-    return os.path.join(DATA_DIR, f'{slug(name)}-{slug(tokenizer)}')
+    key = slug(name) if config is None else f'{slug(name)}-{slug(config)}'
+    return os.path.join(DATA_DIR, f'{key}-{slug(tokenizer)}')
+
+
+def no_room(path, error, needed=None):
+    """One line for a write that failed (a full disk, a quota, a size limit): the path, the
+    reason, the free space there and, if known, the space needed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free / 2 ** 20
+    need = f', about {needed / 2 ** 20:.0f} MiB needed' if needed else ''
+    reason = error.strerror if isinstance(error, OSError) else 'the write failed'
+    return (f'cannot write {path} ({reason}): {free:.0f} MiB free in {folder}{need}; free some '
+            f'space or write elsewhere')
 
 
 def in_val(index, seed, val_frac):
@@ -219,7 +163,7 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
     """Tokenise once into dataset_dir() (again if its files changed, or force); two at once work."""
     defaults = vars(get_parser().parse_args([name]))
     args = argparse.Namespace(**{**defaults, **kw, 'tokenizer': tokenizer})
-    out = dataset_dir(name, tokenizer)
+    out = dataset_dir(name, tokenizer, args.config)
     meta = load_meta(out) if os.path.exists(os.path.join(out, 'meta.json')) else None
     if meta and meta['tokenizer'] != tokenizer:
         raise SystemExit(f"'{name}' holds tokens of --tokenizer {meta['tokenizer']}, "
@@ -267,12 +211,15 @@ def prepare(name, tokenizer='gpt2', force=False, **kw):
         if counts['train_docs'] == 0:
             raise SystemExit(f"dataset '{name}' has a single document: "
                              "the split needs at least two")
-    except BaseException:
+    except BaseException as e:
         for f in tmp.values():  # leave nothing half-written behind, nor an empty folder
-            f.close()
+            with contextlib.suppress(OSError):
+                f.close()
             os.unlink(f.name)
         with contextlib.suppress(OSError):
             os.rmdir(out)
+        if isinstance(e, OSError):  # a full disk: one line, the free space there
+            raise SystemExit(no_room(out, e)) from None
         raise
     finally:
         if pool:

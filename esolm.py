@@ -277,8 +277,7 @@ def denoise(model, args, z, keep, report):
     dtype = torch.float64 if args.float64 else torch.float32
     P = int(keep[0].sum())
     if (keep.sum(1) != P).any():
-        raise ValueError('Eso-LM samples its rows in lockstep: give every row the same number '
-                         'of clean tokens')
+        return by_given_count(model, args, z, keep, report)
     counts, left = unmask_counts(length - P, args.steps or length, args.alpha0)
     counts += [1] * left                                     # the sequential phase: one a step
     order = sort_order(~keep)                                # clean first, the rest at random
@@ -303,6 +302,23 @@ def denoise(model, args, z, keep, report):
         x = torch.empty_like(z).scatter(1, order, z)         # back to left-to-right positions
         report(x, nfe, x == mask_id(K))
     return torch.empty_like(z).scatter(1, order, z), nfe
+
+
+def by_given_count(model, args, z, keep, report):
+    """Rows with different numbers of given tokens: one group of equal counts at a time, as the
+    rows of a group reveal in lockstep (their count schedule depends on it); NFE adds up."""
+    z = z.clone()
+    given = keep.sum(1)
+    nfe = 0
+    for P in given.unique().tolist():
+        rows = given == P
+
+        def group_report(w, calls, noisy):  # the whole batch, this group's rows updated
+            z[rows] = w
+            report(z, nfe + calls, z == mask_id(args.vocab_size))
+        z[rows], calls = denoise(model, args, z[rows], keep[rows], group_report)
+        nfe += calls
+    return z, nfe
 
 
 @torch.no_grad()

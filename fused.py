@@ -84,17 +84,25 @@ def duo_nelbo_grad(logits, x, z, alpha_t, dalpha_t, K):
 # ---- the heads: model(..., head=...) ---------------------------------------------------------
 
 def chunks(h, W, b, rows):
-    """(i, h_c, rows_c, logits_c) for each CHUNK of rows, the logits in one reused buffer
-    (W None: h are the logits already, from a stand-in network)."""
+    """(i, n, h_c, rows_c, logits) for each CHUNK of rows: n real rows from row i, the logits in
+    one reused (CHUNK, V) buffer (W None: h are the logits already, from a stand-in network).
+    The last chunk is padded to CHUNK rows by repeating its last row, so every matmul has one
+    shape whatever the row count (oneDNN and CUDA keep per-shape caches); callers give the
+    padding rows weight 0 and drop their values."""
     buf = h.new_empty(CHUNK, h.shape[1] if W is None else W.shape[0])
-    for i in range(0, len(h), CHUNK):
-        h_c = h[i:i + CHUNK]
-        rows_c = [r[i:i + CHUNK] if torch.is_tensor(r) and r.dim() > 0 else r for r in rows]
+    N = len(h)
+    for i in range(0, N, CHUNK):
+        n = min(CHUNK, N - i)
+        take = slice(i, i + CHUNK)
+        if n < CHUNK:
+            take = torch.arange(i, i + CHUNK, device=h.device).clamp(max=N - 1)
+        h_c = h[take]
+        rows_c = [r[take] if torch.is_tensor(r) and r.dim() > 0 else r for r in rows]
         if W is None:
-            logits = buf[:len(h_c)].copy_(h_c)
+            logits = buf.copy_(h_c)
         else:
-            logits = torch.addmm(b, h_c, W.t(), out=buf[:len(h_c)])
-        yield i, h_c, rows_c, logits
+            logits = torch.addmm(b, h_c, W.t(), out=buf)
+        yield i, n, h_c, rows_c, logits
 
 
 def autocast_inputs(h, W, b):
@@ -116,7 +124,9 @@ class Rows:
     @torch.no_grad()
     def __call__(self, h, W=None, b=None):
         h, W, b = autocast_inputs(h.flatten(0, -2), W, b)
-        out = [self.fn(logits, *rows_c) for _, _, rows_c, logits in chunks(h, W, b, self.rows)]
+        out = []
+        for _, n, _, rows_c, logits in chunks(h, W, b, self.rows):
+            out.append(self.fn(logits, *rows_c)[:n])
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -131,15 +141,16 @@ class WeightedLoss(torch.autograd.Function):
         dW = None if W is None else torch.zeros_like(W, dtype=grad_dtype)
         db = None if b is None else torch.zeros_like(b, dtype=grad_dtype)
         total = torch.zeros((), dtype=weight.dtype, device=h.device)
-        for i, h_c, rows_c, logits in chunks(h, W, b, rows):
+        weight = torch.cat([weight, weight.new_zeros(-len(h) % CHUNK)])
+        for i, n, h_c, rows_c, logits in chunks(h, W, b, rows):
             loss, d = fn(logits, *rows_c)
-            w = weight[i:i + len(h_c)]
+            w = weight[i:i + CHUNK]                  # the padding rows: weight 0
             total += (w * loss).sum()
             d = d.mul_(w[:, None]).to(h.dtype)       # d (sum_i w_i loss_i) / d logits
             if W is None:
-                dh[i:i + len(h_c)] = d
+                dh[i:i + n] = d[:n]
                 continue
-            dh[i:i + len(h_c)] = d @ W
+            dh[i:i + n] = (d @ W)[:n]
             if dW.dtype == d.dtype:
                 dW.addmm_(d.t(), h_c)
             else:

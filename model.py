@@ -221,12 +221,12 @@ class DiT(nn.Module):
         return n - self.embed.numel() - self.out.weight.numel()
 
     def forward(self, x, sigma=None, causal=False, mask=None, positions=None, cache=None,
-                select=None, head=F.linear):
+                select=None, head=None):
         """x: token ids (B, L), or probability vectors (B, L, K) over the first K ids.
         sigma: (B,) noise level for adaLN (zeros if None). causal / mask: the attention (mask is
         boolean, True = may attend, broadcastable to (B, H, L, Lk)). positions: (B, L) rotary
         positions (default: cache.len + 0..L-1). select: boolean (B, L), the positions that reach
-        the output layer (default: all). head(h, W, b) is the output layer, F.linear: logits
+        the output layer (default: all). head(h, W, b) is the output layer, output_layer: logits
         (B, L, V), or (N, V) at select, over the padded vocabulary (padding = -inf). fused.py
         passes its chunked loss as head, and the call returns that loss."""
         if x.dtype.is_floating_point:  # soft input: a weighted sum of embeddings
@@ -249,7 +249,22 @@ class DiT(nn.Module):
         h = modulate(self.norm_out(h), shift, scale)
         if select is not None:  # the output layer only where a loss or sampler needs it
             h = h[select]
+        if head is None:
+            head = output_layer
         return head(h, self.out.weight, self.out.bias + self.pad_bias)
+
+
+def output_layer(h, W, b, rows=256):
+    """The logits F.linear(h, W, b). Selected rows (N, d) are padded for the matmul, to a power
+    of two up to `rows`, then to a multiple of `rows`, and dropped again: a row count that changes
+    every step (MDLM's masked positions) then makes a few matmul shapes, not one per step, and
+    the per-shape caches of oneDNN (CPU) and CUDA stay bounded."""
+    n = len(h)
+    if h.dim() != 2:
+        return F.linear(h, W, b)
+    size = 1 << (n - 1).bit_length() if n <= rows else -(-n // rows) * rows
+    padded = torch.cat([h, h.new_zeros(size - n, h.shape[1])])
+    return F.linear(padded, W, b)[:n]
 
 
 def unwrap(model):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from model import DiT, Config, flops_per_token
 
 
@@ -81,7 +82,7 @@ def read_result(path):
     log_path = os.path.join(path, 'log.jsonl')
     if not (os.path.exists(ckpt_path) and os.path.exists(log_path)):
         return None
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)  # a truncated or foreign file: one line naming it
     a = ckpt['args']
     step = ckpt['step']
     with open(log_path) as f:

@@ -15,6 +15,7 @@ import gc
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import append_log, check_out_dir, load_checkpoint, save_checkpoint, trim_log
-from config import DEVICE_DEFAULTS, load_algo, parse_args, plan
+from checkpoint import (append_log, check_out_dir, load_checkpoint, lock_out_dir, save_checkpoint,
+                        trim_log)
+from config import load_algo, parse_args, plan, print_plan
 from model import DiT, get_config, peak_flops, percent
 
-SAME_RUN = ('algo', 'size', 'dataset', 'tokenizer', 'block_size', 'batch_size', 'seed')
+SAME_RUN = ('algo', 'size', 'dataset', 'data_config', 'tokenizer', 'block_size', 'batch_size',
+            'seed')
+PREEMPTED = 75  # the exit code after a stop signal's checkpoint (EX_TEMPFAIL: run it again)
 
 
 # ---- the run's state, built in one place -----------------------------------------------------
@@ -47,6 +51,7 @@ class Run:
     model: torch.nn.Module     # what the losses call: compiled and/or DDP-wrapped
     ema: torch.nn.Module       # or None
     opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16 only: loss scaling (enabled=False is a no-op)
     autocast: object
     step: int = 0
     best_val: float = float('inf')
@@ -90,10 +95,10 @@ def setup(args):
         if args.device.startswith('cuda'):
             torch.cuda.set_device(args.device)
     if rank == 0:
-        data.prepare(args.dataset, args.tokenizer)
+        data.prepare(args.dataset, args.tokenizer, config=args.data_config)
     if ddp:
         dist.barrier()
-    data_dir = data.dataset_dir(args.dataset, args.tokenizer)
+    data_dir = data.dataset_dir(args.dataset, args.tokenizer, args.data_config)
     n_tokens = {split: data.num_tokens(data_dir, split) for split in ('train', 'val')}
     for split, n in n_tokens.items():
         if n <= args.block_size:
@@ -108,8 +113,9 @@ def setup(args):
     autocast = contextlib.nullcontext()
     if dtype != torch.float32:
         autocast = torch.autocast(torch.device(args.device).type, dtype=dtype)
+    scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=dtype == torch.float16)
     run = Run(args, algo, cfg, rank, ddp, data_dir, data.load_meta(data_dir), n_tokens, raw,
-              raw, ema, make_optimizer(raw, args), autocast)
+              raw, ema, make_optimizer(raw, args), scaler, autocast)
     load(run)
     if args.compile:
         run.model = compile_model(raw)
@@ -138,6 +144,8 @@ def load(run):
             raise SystemExit(f"pass --decay {ckpt['args']['decay']} to resume this run") from None
         if run.ema is not None and ckpt['ema'] is not None:
             run.ema.load_state_dict(ckpt['ema'])
+        if ckpt.get('scaler'):
+            run.scaler.load_state_dict(ckpt['scaler'])
         run.step = ckpt['step']
         run.last_ckpt = ckpt['step']
         run.best_val = ckpt['best_val_loss']
@@ -158,6 +166,7 @@ def save(run):
     if run.master:
         ckpt = {'model': run.raw.state_dict(), 'optimizer': run.opt.state_dict(),
                 'ema': None if run.ema is None else run.ema.state_dict(), 'step': run.step,
+                'scaler': run.scaler.state_dict(),
                 'args': vars(run.args), 'algo': run.args.algo, 'config': asdict(run.cfg),
                 'meta': run.meta, 'best_val_loss': run.best_val}
         save_checkpoint(ckpt, run.ckpt_path)
@@ -220,10 +229,12 @@ def train_step(run):
             run.model.require_backward_grad_sync = micro == a.grad_accum - 1
         with run.autocast:
             loss = run.algo.train_loss(run.model, x, u, a, run.step, run.state)
-        (loss / a.grad_accum).backward()
+        run.scaler.scale(loss / a.grad_accum).backward()
         total += loss.detach()
+    run.scaler.unscale_(run.opt)
     torch.nn.utils.clip_grad_norm_(run.raw.parameters(), a.grad_clip)
-    run.opt.step()
+    run.scaler.step(run.opt)  # skipped by float16's scaler when a gradient is not finite
+    run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     if run.ema is not None:  # ema <- ema + (1 - decay) (w - ema)
         ema = list(run.ema.parameters())
@@ -250,9 +261,32 @@ def evaluate(run):
     return (total[0] / total[1]).item()
 
 
+# ---- preemption: SIGTERM and SIGUSR1 save the step --------------------------------------------
+
+signals = []  # the stop signals received so far
+
+
+def on_signal(signum, frame):
+    """The first SIGTERM / SIGUSR1 asks the loop to save after this step and exit; a second
+    one stops at once."""
+    if signals:
+        raise SystemExit(f'{signal.Signals(signum).name} again: stopping now, without saving')
+    signals.append(signum)
+
+
+def stop_requested(run):
+    """Whether a stop signal arrived, agreed by all ranks, so that they stop at one step."""
+    if not run.ddp:
+        return bool(signals)
+    stop = torch.tensor([float(bool(signals))], device=run.args.device)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop.item() > 0
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 def train(run):
+    """The loop, from run.step to args.max_iters; returns True if a stop signal ended it."""
     from tqdm import tqdm
     a = run.args
     tokens_per_step = a.batch_size * a.block_size
@@ -303,46 +337,56 @@ def train(run):
                 mfu=mfu if mfu <= 1 else None)
         if run.step % a.ckpt_interval == 0:
             save(run)
+        if stop_requested(run):  # preempted: save this step and stop
+            break
     bar.close()
     save(run)
+    if run.step < a.max_iters:
+        log(run, f'stop signal at step {run.step}: checkpoint {run.ckpt_path} written; run the '
+                 f'same command with --resume auto to continue')
+        return True
     log(run, f'done: {run.step} steps, best val loss {run.best_val:.4f}; '
              f'checkpoint {run.ckpt_path}')
+    return False
 
 
 def main(argv=None):
     args = parse_args(argv)
-    info = plan(args)
     if args.dry_run:
-        d = data.dataset_dir(args.dataset, args.tokenizer)  # epochs only if prepared already
-        info['epochs'] = 'unknown (not prepared yet)'
-        if os.path.exists(os.path.join(d, 'meta.json')):
-            n = data.num_tokens(d, 'train')
-            info['epochs'] = args.max_iters * info['global_batch_tokens'] / n
-        shown = ('warmup_iters', *DEVICE_DEFAULTS, *load_algo(args.algo).defaults(args, False),
-                 'decay')
-        info.update({k: getattr(args, k) for k in shown if getattr(args, k) is not None})
-        if int(os.environ.get('RANK', 0)) == 0:
-            for k, v in info.items():
-                print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
+        print_plan(args)
         return
     check_out_dir(args)
-    run = setup(args)
-    info['epochs'] = epochs = args.max_iters * info['global_batch_tokens'] / run.n_tokens['train']
-    if epochs > 4:
-        log(run, f'note: this run reads the training split of {args.dataset} {epochs:.1f} '
-                 f'times: pass a larger --dataset (e.g. openwebtext) for more tokens')
-    if run.master:
-        trim_log(args.out_dir, run.step)
-        if not run.resumed and os.path.exists(run.ckpt_path):
-            os.remove(run.ckpt_path)  # --overwrite: start over
-    log(run, ' | '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}'
-                        for k, v in info.items()))
-    train(run)
+    lock = None
+    if int(os.environ.get('RANK', 0)) == 0:  # one trainer per out-dir; rank 0 holds the lock
+        lock = lock_out_dir(args.out_dir)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    signals.clear()
+    try:
+        run = setup(args)
+        info = plan(args)
+        info['epochs'] = args.max_iters * info['global_batch_tokens'] / run.n_tokens['train']
+        if info['epochs'] > 4:
+            log(run, f"note: this run reads the training split of {args.dataset} "
+                     f"{info['epochs']:.1f} times: pass a larger --dataset for more tokens")
+        if run.master:
+            trim_log(args.out_dir, run.step)
+            if not run.resumed and os.path.exists(run.ckpt_path):
+                os.remove(run.ckpt_path)  # --overwrite: start over
+        log(run, ' | '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}'
+                            for k, v in info.items()))
+        preempted = train(run)  # True: a stop signal's checkpoint was written
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if lock is not None:
+            lock.close()
     if run.ddp:  # tear down while Python is alive: gloo's threads freeing a collective's
         dist.barrier()  # tensors during interpreter exit abort the rank (SIGABRT)
         run.model = None
         gc.collect()  # DDP holds the process group in a reference cycle: free it first
         dist.destroy_process_group()
+    if preempted:
+        raise SystemExit(PREEMPTED)
 
 
 if __name__ == '__main__':

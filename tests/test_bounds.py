@@ -162,3 +162,39 @@ def test_eval_interval_covers_the_exact_value(name, alpha0):
     intervals = map(evaluation.summarize, per_batch.tolist())
     covered = sum(lo <= exact / L <= hi for _, _, (lo, hi) in intervals)
     assert covered >= 34
+
+
+def test_duo_second_moment_stays_bounded_on_data_with_exact_zeros(monkeypatch):
+    """Even-parity sequences (the others have probability 0) and their exact denoiser: once one
+    token is redrawn, the clean tokens get probability O(t) and their terms grow like 1/t.
+    E[J^2 | u] for the stratified u the estimator maps to a time, summed exactly over every
+    (x, z_t) with q(z_t | x) at the time the network was given, stays bounded as u -> 1
+    (t -> 0): E[J^2] is finite. With t = 1 - u and no weight it would grow like 1/t."""
+    Kp, Lp = 2, 3
+    seqs = torch.tensor([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    probs = (seqs.sum(1) % 2 == 0).double()
+    probs = probs / probs.sum()
+    support = seqs[probs > 0]
+    alphas = []
+
+    def model(z_t, sigma=None, head=None, **kw):  # log p(x_l | z at the other positions)
+        a = torch.exp(-sigma.double())[:, None, None]
+        alphas.append(a[0, 0, 0])
+        q = a * (seqs[None] == z_t[:, None]) + (1 - a) / Kp            # (B, N, L): q(z_l | x_l)
+        out = torch.zeros(len(z_t), Lp, Kp, dtype=torch.float64)
+        for l in range(Lp):
+            w = probs * q.prod(-1) / q[..., l]
+            out[:, l].scatter_add_(1, seqs[:, l].expand(len(z_t), -1), w)
+        out = (out / out.sum(-1, keepdim=True)).log()
+        return out if head is None else head(out)
+    x = support.repeat_interleave(len(seqs), 0)            # every (x, z) pair
+    z = seqs.repeat(len(support), 1)
+    monkeypatch.setattr(duo, 'corrupt', lambda x_, alpha_t, K: z)
+    args = duo_args(vocab_size=Kp)
+    moments = []
+    for u in (0.9, 0.99, 1 - 1e-4, 1 - 1e-6):
+        est, _ = duo.eval_nll(model, x, torch.full((len(x),), u, dtype=torch.float64), args)
+        a = alphas[-1]                                     # the time the network was given
+        q = torch.where(z == x, a + (1 - a) / Kp, (1 - a) / Kp).prod(1)  # q(z_t | x)
+        moments.append((q * est.double() ** 2).sum().item() / len(support))
+    assert max(moments) < 2 * moments[0], moments

@@ -77,9 +77,29 @@ def test_duo_keeps_every_given_token_and_ar_every_prompt_token():
     assert torch.equal(x[:, :3], prompt) and nfe == L - 3
     with pytest.raises(ValueError, match='cannot fill gaps'):
         ar.sample(random_net(ar, K), args_for(), n, L, prompt, fixed=(tokens, given))
-    # Eso-LM decides rows in lockstep
-    with pytest.raises(ValueError, match='same number of clean tokens'):
-        esolm.sample(random_net(esolm, K), args_for(), n, L, fixed=(tokens, given))
+
+
+
+def test_esolm_infills_rows_with_different_numbers_of_given_tokens():
+    """A batch mixing two infilling templates (one and two given tokens): each row keeps its
+    tokens and follows its own exact conditional law; the NFE adds the two groups' calls."""
+    K, L, S = 3, 3, 20000
+    seqs, probs = toy_distribution(K, L, seed=6)
+    v = seqs[probs.argmax()]
+    templates = torch.tensor([[False, True, False], [True, False, True]])
+    given = templates[torch.arange(2 * S) % 2]                 # rows alternate the two templates
+    args = args_for(vocab_size=K, steps=200, alpha0=0.5)
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return esolm_oracle(seqs, probs, K)(*a, **kw)
+    torch.manual_seed(0)
+    x, nfe = esolm.sample(counted, args, 2 * S, L, fixed=(v.expand(2 * S, L), given))
+    assert (x[given] == v.expand(2 * S, L)[given]).all() and nfe == len(calls)
+    for i, template in enumerate(templates):
+        cond = probs * (seqs[:, template] == v[template]).all(1)
+        assert total_variation(x[i::2], seqs, cond / cond.sum()) < 0.02
 
 
 # ----------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def fake_train(calls, law):
         fpt = flops_per_token(cfg, 16)
         steps = max(1, int(flops / (3 * fpt * 16 * 2)))
         args = dict(size=size, flops=flops, max_iters=steps, block_size=16, batch_size=2)
-        ckpt = dict(algo=algo, step=steps, args=args, config=vars(cfg))
+        ckpt = dict(algo=algo, step=steps, args=args, config=vars(cfg), model={}, meta={})
         torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
         with open(os.path.join(out, 'log.jsonl'), 'w') as f:
             f.write(json.dumps(dict(step=steps, val_loss=law(fpt / 2, flops))) + '\n')
