@@ -172,13 +172,12 @@ def write_csv(rows, path):
 
 
 def line_label(r, rows):
-    """One line per (method, options); the checkpoint's folder where that is not unique."""
-    label = r['method'] + (f" {r['options']}" if r['options'] else '')
-    twins = {o['checkpoint'] for o in rows
-             if o['method'] + (f" {o['options']}" if o['options'] else '') == label}
-    if len(twins) > 1:
-        label += f" ({os.path.basename(os.path.dirname(os.path.abspath(r['checkpoint'])))})"
-    return label
+    """One line per (method, options), and per checkpoint where several share them."""
+    def name(o):
+        return o['method'] + (f" {o['options']}" if o['options'] else '')
+    if len({o['checkpoint'] for o in rows if name(o) == name(r)}) > 1:
+        return f"{name(r)} ({r['checkpoint']})"
+    return name(r)
 
 
 def plot(rows, ref, path):

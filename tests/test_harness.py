@@ -104,13 +104,15 @@ def test_the_context_is_never_corrupted_and_the_greedy_row_hides_the_continuatio
         if name == 'duo':
             assert torch.exp(-kw['sigma'][-1]).item() == pytest.approx(duo.EPS, rel=1e-6)
         assert isinstance(greedy, bool)
-    # the toy's likeliest sequence, its likeliest continuation given x_0 token by token?
+    # every toy sequence: is its continuation the argmax given x_0 with the rest masked?
     mdlm_net, args = toy_method('mdlm', 1, seqs, probs)
-    best = seqs[probs.argmax()]
-    hidden = torch.tensor([[best[0], K, K]])
-    predicted = mdlm_net(hidden)[0, 1:, :K].argmax(-1)
-    _, greedy = harness.mdlm_nll(mdlm_net, best.expand(4, -1), 1, torch.rand(4), args)
-    assert greedy == bool((predicted == best[1:]).all())
+    expected = []
+    for x in seqs:
+        predicted = mdlm_net(torch.tensor([[x[0], K, K]]))[0, 1:, :K].argmax(-1)
+        expected.append(bool((predicted == x[1:]).all()))
+        _, greedy = harness.mdlm_nll(mdlm_net, x.expand(4, -1), 1, torch.rand(4), args)
+        assert greedy == expected[-1]
+    assert 0 < sum(expected) < len(seqs)
 
 
 # ---- the adapter on tiny checkpoints ---------------------------------------------------------
@@ -174,6 +176,14 @@ def test_ar_loglikelihood_is_the_exact_conditional_log_probability(ckpts):
         assert logp == pytest.approx(expected, abs=1e-4)
         assert greedy == argmax
     assert lm.summary() == {'mc_samples': 1}                      # exact: no Monte Carlo
+    # is_greedy: the model's own argmax continuation, then one token changed
+    ids = [256] + list(b'ROMEO')
+    for _ in range(3):
+        ids.append(int(model(torch.tensor([ids]), causal=True)[0, -1, :257].argmax()))
+    assert lm.score(ids[:6], ids[6:])[1]
+    for j in (6, 8):
+        wrong = ids[:j] + [(ids[j] + 1) % 256] + ids[j + 1:]
+        assert not lm.score(wrong[:6], wrong[6:])[1]
 
 
 def test_ar_rolling_loglikelihood_sums_lm_evals_windows(ckpts):
