@@ -210,8 +210,10 @@ def plot(rows, ref, path):
         ax.plot([r['tokens_per_s'] for r in low], [r['gen_ppl'] for r in low], 'rx', ms=12,
                 mew=2, label=f'degenerate: entropy < {LOW_ENTROPY} x {ref:.2f} nats')
     first = rows[0]
+    judge = first['judge'].rstrip('/')
+    judge = os.path.join(os.path.basename(os.path.dirname(judge)), os.path.basename(judge))
     ax.set(xscale='log', xlabel='throughput (generated tokens / s, log scale)',
-           ylabel=f"gen PPL (judge: {os.path.basename(first['judge'].rstrip('/'))})",
+           ylabel=f'gen PPL (judge: {judge})',
            title=f"{first['num_samples']} x {first['length']} tokens, {first['device']}, "
                  f"{first['dtype']}; labels: steps")
     ax.legend(fontsize=8)
@@ -224,13 +226,13 @@ def plot(rows, ref, path):
 
 
 def markdown(rows):
-    lines = ['| method | options | steps | NFE | tokens/s | gen PPL | entropy | |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| checkpoint | method | options | steps | NFE | tokens/s | gen PPL | entropy | |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         mark = 'degenerate' if r['low_entropy'] else ('front' if r['pareto'] else '')
-        lines.append(f"| {r['method']} | {r['options']} | {r['steps']} | {r['nfe']} | "
-                     f"{r['tokens_per_s']:.4g} | {r['gen_ppl']:.4g} | {r['entropy']:.3f} | "
-                     f"{mark} |")
+        lines.append(f"| {r['checkpoint']} | {r['method']} | {r['options']} | {r['steps']} | "
+                     f"{r['nfe']} | {r['tokens_per_s']:.4g} | {r['gen_ppl']:.4g} | "
+                     f"{r['entropy']:.3f} | {mark} |")
     return '\n'.join(lines)
 
 

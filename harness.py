@@ -291,8 +291,8 @@ class DLLM(LM):
     def report(self):
         s = self.summary()
         if 'estimates' in s:
-            print(f"{self.name}: {s['estimates']} Monte Carlo estimates of {self.draws} draws "
-                  f"each; standard error mean {s['standard_error_mean']:.4f}, max "
+            print(f"{self.name}: {s['estimates']} Monte Carlo estimates so far, {self.draws} "
+                  f"draws each; standard error mean {s['standard_error_mean']:.4f}, max "
                   f"{s['standard_error_max']:.4f} nats")
 
 
