@@ -22,6 +22,7 @@ Every text starts with the end-of-text token, as sample.py's samples do; one req
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -43,6 +44,7 @@ except ImportError:
 import data
 import duo
 import esolm
+import fused
 import mdlm
 from checkpoint import load_model
 from config import load_algo
@@ -53,25 +55,38 @@ from model import cross_entropy
 # Each takes x (R, P + C): R copies of the context (P tokens) then the continuation (C tokens),
 # the draws' stratified uniforms u (R,), and the args; it returns R estimates (R,) and whether
 # every continuation token is the argmax of the model's prediction with the continuation hidden
-# (one more row in the same call).
+# (one more row in the same call). The output layer runs CHUNK rows at a time (fused.Rows), so
+# R draws of a long window never hold all their logits at once.
 
 def after(x, P):
     """True at the positions >= P of x (R, n)."""
     return (torch.arange(x.shape[1], device=x.device) >= P).expand_as(x)
 
 
-def hits(logits, targets, K):
-    return bool((logits[:, :K].argmax(-1) == targets).all())
+def nll_hit(logits, targets, K):
+    """Per row: -log x_theta[target] and whether the target is the argmax, (n, 2)."""
+    hit = logits[:, :K].argmax(-1) == targets
+    return torch.stack([cross_entropy(logits, targets, K).double(), hit.double()], -1)
+
+
+def nelbo_hit(logits, x, z, a, da, K):
+    """Per row: Duo's NELBO integrand, MATH (16), and whether x is the argmax, (n, 2)."""
+    hit = logits[:, :K].argmax(-1) == x
+    return torch.stack([duo.nelbo(logits, x, z, a, da, K).double(), hit.double()], -1)
+
+
+def rows(fn, K, *per_row):
+    return fused.Rows(functools.partial(fn, K=K), *per_row)
 
 
 def ar_nll(model, x, P, u, args):
     """-log p(x_P.. | x_<P) = sum_{l >= P} -log p(x_l | x_<l), exact, MATH (1)."""
     R = x.shape[0]
     inputs = x[:, :-1]
-    logits = model(inputs, causal=True, select=after(inputs, P - 1))   # predicts x_P ...
     targets = x[:, P:].flatten()
-    nll = cross_entropy(logits, targets, args.vocab_size)
-    return nll.view(R, -1).sum(1), hits(logits, targets, args.vocab_size)
+    out = model(inputs, causal=True, select=after(inputs, P - 1),     # predicts x_P ...
+                head=rows(nll_hit, args.vocab_size, targets))
+    return out[:, 0].view(R, -1).sum(1), bool(out[:, 1].all())
 
 
 def mdlm_nll(model, x, P, u, args):
@@ -90,9 +105,9 @@ def mdlm_nll(model, x, P, u, args):
     if args.time_cond:  # t given k, MATH (11) with C in place of L
         t = torch.distributions.Beta(k.double(), (C - k + 1).double()).sample()
         sigma = mdlm.sigma_of(1 - t.clamp(max=1 - 1e-12))
-    logits = model(z, sigma=sigma, select=masked)
-    nll = esolm.per_sequence(cross_entropy(logits, x[masked], K), masked)
-    return (C / k * nll)[:R], hits(logits[-C:], x[-1, P:], K)
+    out = model(z, sigma=sigma, select=masked, head=rows(nll_hit, K, x[masked]))
+    nll = esolm.per_sequence(out[:, 0], masked)
+    return (C / k * nll)[:R], bool(out[-C:, 1].all())               # the last row's C tokens
 
 
 def duo_nll(model, x, P, u, args):
@@ -106,12 +121,12 @@ def duo_nll(model, x, P, u, args):
     alpha_t, dalpha_t = mdlm.schedule(v ** 2)
     cont = after(x, P)
     z = torch.where(cont, duo.corrupt(x, alpha_t, K), x)               # the context stays clean
-    logits = model(z, sigma=mdlm.sigma_of(alpha_t), select=cont)       # (R+1) C rows
     a = alpha_t[:, None].expand_as(x)[cont]
     da = dalpha_t[:, None].expand_as(x)[cont]
-    f = duo.nelbo(logits, x[cont], z[cont], a, da, K).view(R + 1, C)
-    est = 2 * v * f.sum(1) + C * duo.prior_kl(K)
-    return est[:R], hits(logits[R * C:], x[-1, P:], K)
+    out = model(z, sigma=mdlm.sigma_of(alpha_t), select=cont,
+                head=rows(nelbo_hit, K, x[cont], z[cont], a, da))       # (R + 1) C rows
+    est = 2 * v * out[:, 0].view(R + 1, C).sum(1) + C * duo.prior_kl(K)
+    return est[:R], bool(out[-C:, 1].all())
 
 
 def context_first(x, masked, P, masked_left_to_right=False):
@@ -131,31 +146,29 @@ def esolm_nll(model, x, P, u, args):
     K = args.vocab_size
     R = x.shape[0]
     C = x.shape[1] - P
+    x = torch.cat([x, x[:1]])
     nll = 0
     greedy = None
     if args.alpha0 > 0:  # the diffusion term
-        part, k = mdlm.masked_subset(x[:, P:], u, args.alpha0)
+        part, k = mdlm.masked_subset(x[:R, P:], u, args.alpha0)
         masked = F.pad(torch.cat([part, torch.ones_like(part[:1])]), (P, 0))
-        xx = torch.cat([x, x[:1]])
-        order = context_first(xx, masked, P)
-        x_s = xx.gather(1, order)
+        order = context_first(x, masked, P)
+        x_s = x.gather(1, order)
         m_s = masked.gather(1, order)
         z_s = torch.where(m_s, mdlm.mask_id(K), x_s)
-        logits = model(z_s, causal=True, positions=order, select=m_s)
-        tokens = esolm.per_sequence(cross_entropy(logits, x_s[m_s], K), m_s)[:R]
-        nll = nll + args.alpha0 * C / k * tokens
-        greedy = hits(logits[-C:], x_s[-1, -C:], K)   # sorted: the masked ones last
+        out = model(z_s, causal=True, positions=order, select=m_s,
+                    head=rows(nll_hit, K, x_s[m_s]))
+        nll = nll + args.alpha0 * C / k * esolm.per_sequence(out[:, 0], m_s)[:R]
+        greedy = bool(out[-C:, 1].all())        # sorted: the last row's masked tokens last
     if args.alpha0 < 1:  # the sequential term: z_0 masks each continuation token w.p. 1 - a0
-        keep = torch.rand(x[:, P:].shape, device=x.device) < args.alpha0
+        keep = torch.rand(x[:R, P:].shape, device=x.device) < args.alpha0
         masked = F.pad(torch.cat([~keep, torch.ones_like(keep[:1])]), (P, 0))
-        xx = torch.cat([x, x[:1]])
-        order = context_first(xx, masked, P, masked_left_to_right=True)
-        inputs, targets = esolm.sequential_inputs(xx, masked, order, K)
-        logits = model(**inputs)
-        tokens = esolm.per_sequence(cross_entropy(logits, targets, K), masked)
-        nll = nll + tokens[:R]
+        order = context_first(x, masked, P, masked_left_to_right=True)
+        inputs, targets = esolm.sequential_inputs(x, masked, order, K)
+        out = model(**inputs, head=rows(nll_hit, K, targets))
+        nll = nll + esolm.per_sequence(out[:, 0], masked)[:R]
         if greedy is None:
-            greedy = hits(logits[-C:], targets[-C:], K)
+            greedy = bool(out[-C:, 1].all())
     return nll, greedy
 
 

@@ -40,10 +40,12 @@ def stratified(n, g):
 
 
 def selecting(net):
-    """Duo's toy denoiser answers every position: keep the selected rows, as model.py does."""
-    def model(z, select=None, **kw):
+    """Duo's toy denoiser answers every position: keep the selected rows, then apply the
+    output head, as model.py does."""
+    def model(z, select=None, head=None, **kw):
         out = net(z, **kw)
-        return out if select is None else out[select]
+        out = out if select is None else out[select]
+        return out if head is None else head(out)
     return model
 
 
@@ -305,3 +307,15 @@ def test_eval_tasks_refuses_in_one_line_without_lm_eval(ckpts, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluation.main(['--ckpt', str(ckpts / 'mdlm.pt'), '--tasks', 'hellaswag'])
     assert 'pip install lm-eval' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_registered_with_lm_eval(ckpts, monkeypatch):
+    """lm_eval.simple_evaluate(model='dllm', model_args='ckpt=...,...') builds the adapter from
+    eval.py's flags."""
+    from lm_eval.evaluator import simple_evaluate
+    monkeypatch.chdir(ROOT)
+    results = simple_evaluate(model='dllm', model_args=f"ckpt={ckpts / 'duo.pt'},mc_samples=3,"
+                              "dtype=float32", tasks=['tiny_choice'], limit=1, log_samples=False,
+                              task_manager=harness.TaskManager(include_path=TASKS,
+                                                               include_defaults=False))
+    assert results['results']['tiny_choice']['sample_len'] == 1
