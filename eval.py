@@ -4,11 +4,13 @@ samples (README, "Likelihood" and "Sample quality").
     python eval.py --ckpt out/mdlm-6M/ckpt.pt                       # the held-out split of its data
     python eval.py --ckpt out/mdlm-6M/ckpt.pt --dataset ~/texts/    # zero-shot: another dataset
     python eval.py --ckpt out/esolm-6M/ckpt.pt --max-batches 200 --repeats 4 --json
+    python eval.py --ckpt out/duo-6M/ckpt.pt --tasks hellaswag,arc_easy   # pip install lm-eval
 
 Consecutive windows of the split (up to --max-batches batches, spread over it) are scored with
 the method's eval_nll: AR's exact NLL, or for MDLM, Duo and Eso-LM a Monte Carlo draw of the
 NELBO, an upper bound (printed "PPL <="); the 95% interval is mean +- 1.96 SE over batches (too
-narrow under ~30). sample.py --judge scores samples with load_judge and score below.
+narrow under ~30). sample.py --judge scores samples with load_judge and score below. --tasks runs
+downstream tasks through lm-evaluation-harness instead: harness.py.
 """
 import argparse
 import contextlib
@@ -50,6 +52,21 @@ def get_parser():
                    choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='the output layer CHUNK rows at a time (fused.py; default: on)')
+    g = p.add_argument_group('downstream tasks (lm-evaluation-harness: pip install lm-eval; '
+                             'harness.py)')
+    g.add_argument('--tasks', help='comma-separated lm_eval task names: gsm8k,hellaswag,...')
+    g.add_argument('--task-dir', help="a folder of task YAMLs (lm_eval's include path)")
+    g.add_argument('--mc-samples', type=int, default=32,
+                   help='Monte Carlo draws per loglikelihood (diffusion methods; default: 32)')
+    g.add_argument('--steps', type=int, help='generation: sampling steps (default: --length)')
+    g.add_argument('--length', type=int,
+                   help="generation: new tokens (default: the task's max_gen_toks, or 256)")
+    g.add_argument('--num-fewshot', type=int, help="default: the task's")
+    g.add_argument('--limit', type=int, help='at most this many documents per task')
+    g.add_argument('--out', help='results JSON (default: beside the checkpoint, '
+                                 'lm_eval-<tasks>.json)')
+    from sample import add_sampling_args  # here: sample.py imports this file
+    add_sampling_args(g)
     return p, add_method_args(p)
 
 
@@ -201,17 +218,30 @@ def score(judge, tokens, prompt_len, tok):
 # ---- main ------------------------------------------------------------------------------------
 
 def check_args(args):  # bad values get one line before the checkpoint loads
-    for k, lo in dict(block_size=2, batch_size=1, max_batches=1, repeats=1).items():
+    least = dict(block_size=2, batch_size=1, max_batches=1, repeats=1, mc_samples=1, steps=1,
+                 length=1, num_fewshot=0, limit=1)
+    for k, lo in least.items():
         if getattr(args, k) is not None and getattr(args, k) < lo:
             raise SystemExit(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f'--top-p must be in (0, 1], got {args.top_p}')
     if args.device.startswith('cuda') and not ON_GPU:
         raise SystemExit(f'--device {args.device}: no CUDA device here: use --device cpu')
 
 
-def main(argv=None):
+def parse(argv=None):
+    """(args, checkpoint): the method's options from the checkpoint, flags given override."""
     parser, method_flags = get_parser()
     check_args(parser.parse_known_args(argv)[0])
-    args, ckpt = parse_with_checkpoint(parser, method_flags, argv, load_checkpoint)
+    return parse_with_checkpoint(parser, method_flags, argv, load_checkpoint)
+
+
+def main(argv=None):
+    parser, _ = get_parser()
+    if parser.parse_known_args(argv)[0].tasks:
+        import harness  # lm_eval is imported there only: one line without it
+        return harness.run(parse(argv)[0])
+    args, ckpt = parse(argv)
     algo = load_algo(ckpt['algo'])
     model, _ = load_model(args.ckpt, args.device)
     tokenizer = ckpt['meta']['tokenizer']
