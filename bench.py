@@ -23,9 +23,8 @@ from resource import getpagesize
 import torch
 
 import data
-from config import DTYPE, ON_GPU, add_method_args, load_algo
+from config import DTYPE, ON_GPU, add_method_args, add_sampling_args, load_algo
 from model import SIZES, DiT, get_config, peak_flops
-from sample import add_sampling_args
 from train import compile_model
 
 

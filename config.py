@@ -196,6 +196,19 @@ def print_plan(args):
             print(f'{k:>32}: {v:.4g}' if isinstance(v, float) else f'{k:>32}: {v}')
 
 
+def add_sampling_args(p):
+    """The flags every method's sampler reads (sample.py, eval.py, bench.py, frontier.py),
+    besides --steps."""
+    p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling (1.0 = off)')
+    p.add_argument('--temperature', type=float, default=1.0, help='AR only')
+    p.add_argument('--stride', type=int,
+                   help='past the context: new tokens per window (default: half of it)')
+    p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
+                   help="use the method's cache (KV cache, or MDLM's skip-unchanged)")
+    p.add_argument('--float64', action=argparse.BooleanOptionalAction, default=True,
+                   help='sampling probabilities in float64 (default: on)')
+
+
 def add_method_args(parser):
     """Every method's own flags, a group each; returns their names (argparse dests)."""
     names = set()

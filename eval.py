@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import load_checkpoint, load_model
-from config import ON_GPU, add_method_args, load_algo, parse_with_checkpoint
+from config import ON_GPU, add_method_args, add_sampling_args, load_algo, parse_with_checkpoint
 
 
 def get_parser():
@@ -65,7 +65,6 @@ def get_parser():
     g.add_argument('--limit', type=int, help='at most this many documents per task')
     g.add_argument('--out', help='results JSON (default: beside the checkpoint, '
                                  'lm_eval-<tasks>.json)')
-    from sample import add_sampling_args  # here: sample.py imports this file
     add_sampling_args(g)
     return p, add_method_args(p)
 

@@ -35,7 +35,8 @@ from checkpoint import load_model
 from config import DTYPE, ON_GPU, add_method_args, load_algo
 from eval import load_judge, score
 from model import sample_categorical
-from sample import add_sampling_args, parse_steps
+from config import add_sampling_args
+from sample import parse_steps
 
 LOW_ENTROPY = 0.9   # flagged: entropy below this fraction of the reference
 COLUMNS = ['method', 'checkpoint', 'options', 'steps', 'nfe', 'num_samples', 'length', 'seconds',

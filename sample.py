@@ -22,20 +22,9 @@ import torch
 
 import data
 from checkpoint import load_checkpoint, load_model
-from config import DTYPE, ON_GPU, add_method_args, load_algo, parse_with_checkpoint
+from config import (DTYPE, ON_GPU, add_method_args, add_sampling_args, load_algo,
+                    parse_with_checkpoint)
 from eval import load_judge, score
-
-
-def add_sampling_args(p):
-    """The flags every method's sampler reads (sample.py, bench.py), besides --steps."""
-    p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling (1.0 = off)')
-    p.add_argument('--temperature', type=float, default=1.0, help='AR only')
-    p.add_argument('--stride', type=int,
-                   help='past the context: new tokens per window (default: half of it)')
-    p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
-                   help="use the method's cache (KV cache, or MDLM's skip-unchanged)")
-    p.add_argument('--float64', action=argparse.BooleanOptionalAction, default=True,
-                   help='sampling probabilities in float64 (default: on)')
 
 
 def get_parser():

@@ -3,14 +3,13 @@ import argparse
 
 import config
 import duo
-from sample import add_sampling_args
 
 
 def make_args(**kw):
     """Every flag's default (train.py's, each method's, the samplers'), Duo's Gaussian range
     resolved as train.py resolves it, and kw on top."""
     parser = config.get_parser()
-    add_sampling_args(parser)
+    config.add_sampling_args(parser)
     args = parser.parse_args([])
     args.steps = None
     args.vocab_size = None
