@@ -180,3 +180,17 @@ def test_an_entry_that_raises_leaves_the_others_measured():
     assert saved[-1][1] == dict(label='entry 2', n=2, error='OutOfMemoryError: CUDA out of '
                                 'memory. Tried to allocate 2.00 GiB')
     assert [r.get('value') for r in saved[-1]] == [1, None, 3, 30]
+
+
+def test_the_tables_hold_an_entry_that_failed(dry):
+    """An entry with an error in every part: each table keeps its shape, the error shown."""
+    suite = json.loads(json.dumps(dry[0]))
+    for part in suite['parts'].values():
+        if 'rows' in part:
+            part['rows'].append({**part['rows'][0], 'error': 'RuntimeError: boom'})
+            part.update(status='failed', error='1 of 11 entries failed')
+    md = gpu_suite.markdown(suite)
+    assert md.count('RuntimeError: boom') == 4 and md.count('**failed** after') == 4
+    for block in md.split('\n\n'):
+        widths = {line.count('|') for line in block.splitlines() if line.startswith('|')}
+        assert len(widths) <= 1, block
