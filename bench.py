@@ -45,6 +45,7 @@ def get_parser():
     p.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
     p.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'])
     p.add_argument('--compile', action='store_true')
+    p.add_argument('--dropout', type=float, default=0.0)
     p.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='output layer + loss without all the logits '
                         '(default: on; per entry: fused=False)')
@@ -74,6 +75,8 @@ def check_args(args):  # every flag at parse time: one line naming the fix
             raise SystemExit(f"--{k.replace('_', '-')} must be >= {v}, got {getattr(args, k)}")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f'--top-p must be in (0, 1], got {args.top_p}')
+    if not 0 <= args.dropout < 1:
+        raise SystemExit(f'--dropout must be in [0, 1), got {args.dropout}')
     if args.size not in SIZES:
         raise SystemExit(f"unknown size '{args.size}': choose one of {', '.join(SIZES)}")
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -107,7 +110,7 @@ def timed(fn, device):  # (seconds, fn()), the GPU's queue drained before and af
 def setup(spec, args):
     algo, v = variant(spec, args)
     torch.manual_seed(0)
-    cfg = get_config(args.size, algo.vocab_size(args.vocab_size))
+    cfg = get_config(args.size, algo.vocab_size(args.vocab_size), dropout=args.dropout)
     model = DiT(cfg).to(args.device)
     # random weights (not the zero init), so samplers see varied outputs
     for p in model.parameters():
@@ -133,6 +136,14 @@ def train_step(r, model=None):
 def train_seconds(r, args):  # median seconds of one optimizer step (forward, backward, AdamW)
     seconds = sorted(timed(lambda: train_step(r), args.device)[0] for _ in range(args.iters))
     return seconds[args.iters // 2]
+
+
+def throughput(r, args, seconds, peak):
+    """Training tokens/s of a step of `seconds`, and its MFU against `peak` FLOP/s: the FLOPs the
+    method does, MATH (38); None where it would exceed 100% (the peak is wrong)."""
+    tok_s = args.batch_size * args.block_size / seconds
+    mfu = 3 * r['algo'].mfu_flops(r['cfg'], r['args']) * tok_s / peak
+    return dict(train_tok_per_s=tok_s, mfu=mfu if mfu <= 1 else None, peak_flops=peak)
 
 
 def profile(r, args):
@@ -174,6 +185,8 @@ def peak_memory(spec, args):
         ctypes.CDLL(None).mallopt(-3, 2 ** 17)  # M_MMAP_THRESHOLD
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # the peak RSS (VmHWM) restarts here: model and optimizer included
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the peak of this step, in any process
     before = torch.cuda.memory_allocated() if cuda else resident_bytes()
     train_step(r)
     if cuda:
@@ -249,11 +262,9 @@ def main(argv=None):
                 r['train_s'] = min(r.get('train_s', float('inf')), train_seconds(r, args))
         for r in runs:
             r['result'].update(profile(r, args) if args.profile else {})
-            tok_s = args.batch_size * args.block_size / r['train_s']
-            mfu = 3 * r['algo'].mfu_flops(r['cfg'], r['args']) * tok_s / peak
-            r['result'].update(train_tok_per_s=tok_s,
-                               mfu=mfu if mfu <= 1 else 'unknown (peak too low)',
-                               peak_flops=peak)
+            r['result'].update(throughput(r, args, r['train_s'], peak))
+            if r['result']['mfu'] is None:
+                r['result']['mfu'] = 'unknown (peak too low)'
     if args.sample:
         new_tokens = args.num_samples * (args.sample_length - 1)  # after the one start token
         for _ in range(args.rounds):

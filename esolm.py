@@ -151,6 +151,8 @@ def sequential_loss(model, x, args):
     order = sort_order(masked, masked_left_to_right=True)
     inputs, targets = sequential_inputs(x, masked, order, K)
     if args.fused:
+        if x.is_cuda and not args.dropout:  # as a flex_attention block mask: flash-like, fused.py
+            inputs['mask'] = fused.block_mask(sequential_mask, x.shape[1], x.device)
         return model(**inputs, head=fused.cross_entropy(targets, K, 1)) / x.numel()
     nll = cross_entropy(model(**inputs), targets, K)
     return nll.sum() / x.numel()

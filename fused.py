@@ -9,8 +9,14 @@ path's, nothing is recomputed, and a few (CHUNK, V) buffers replace the (N, V) l
 float32 copy, the softmax and its gradient. Gradients are derived by hand and formed in place
 (a fresh 50 MB block costs about as much as a pass over it in page faults). tests/test_fused.py
 holds every head equal to the plain path, values and gradients, in float64.
+
+The last section runs attention under a fixed boolean mask (Eso-LM's sequential pass) with
+flex_attention on a GPU: SDPA rules out flash attention for any boolean mask.
 """
+import functools
+
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 CHUNK = 256  # rows of logits at a time
 
@@ -190,3 +196,36 @@ def duo_nelbo(x, z_t, alpha_t, dalpha_t, K, weight):
     """sum_i weight_i f_i, Duo's NELBO integrand, MATH (16), at the rows the network outputs;
     x, z_t, alpha_t, dalpha_t: one per row."""
     return Head(duo_nelbo_grad, weight, x, z_t, alpha_t, dalpha_t, K)
+
+
+# ---- attention under a fixed mask: flex_attention --------------------------------------------
+
+def as_block_mask(dense):
+    """A boolean attention mask (n, m), True = may attend, as flex_attention's BlockMask: the
+    kernel skips the 128 x 128 tiles that are all False, runs the all-True ones unmasked and reads
+    the mask only in the mixed ones."""
+    def mask_mod(b, h, q, kv):
+        return dense[q, kv]
+    return create_block_mask(mask_mod, None, None, *dense.shape, device=dense.device)
+
+
+@functools.cache
+def block_mask(make_mask, n, device):
+    """as_block_mask(make_mask(n, device)), built once per (n, device): esolm.py passes
+    block_mask(sequential_mask, L, device) on a GPU where the plain path passes the boolean mask;
+    tests/test_fused.py holds the two attentions equal."""
+    return as_block_mask(make_mask(n, device))
+
+
+@functools.cache
+def compiled_flex_attention():  # eager flex_attention computes all the scores, then masks them
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q, k, v, mask):
+    """Attention (B, H, L, head_dim) under a BlockMask. On a GPU one fused kernel, as flash
+    attention: inside a compiled network torch.compile makes it, called eagerly it compiles
+    flex_attention alone. On a CPU eager, the forward only (flex_attention has no CPU backward)."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return compiled_flex_attention()(q, k, v, block_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask)

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+import fused
 
 # name: (d_model, layers, heads). The seed's ladder plus three CPU sizes (tiny, mini, small).
 SIZES = {
@@ -71,7 +74,8 @@ def peak_flops(device, dtype):
     """Peak matmul FLOP/s for MFU: the datasheet on known GPUs, else the best of up to 6 timed
     n x n matmuls in the run's dtype (the best: a busy machine slows only some)."""
     cuda = torch.device(device).type == 'cuda'
-    datasheet = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40': 181e12}
+    datasheet = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+                 'L40': 181e12}
     for key, peak in datasheet.items():
         if cuda and dtype != torch.float32 and key in torch.cuda.get_device_name(device):
             return peak
@@ -164,13 +168,16 @@ class Attention(nn.Module):
         q = apply_rotary(qkv[0], cos, sin)
         k = apply_rotary(qkv[1], cos, sin)
         v = qkv[2].contiguous()  # a view would keep all of qkv alive for the backward
-        if cache is not None:  # new queries see every cached key, and causally each other
-            k, v = cache.update(layer, k, v)
-            j = torch.arange(k.shape[2], device=x.device)  # key positions 0..cache.len+L-1
-            mask = j <= j[-L:, None]                        # query i is key cache.len + i
+        if cache is not None:  # new queries see every cached key, and causally each other:
+            from torch.nn.attention.bias import causal_lower_right  # imports dynamo: ~1 s
+            k, v = cache.update(layer, k, v)  # query i is key cache.len + i, sees keys j <= it
+            mask = causal_lower_right(L, k.shape[2])  # as a boolean mask, but flash can run it
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if isinstance(mask, BlockMask):  # a fixed mask as flex_attention's blocks (fused.py)
+            y = fused.flex(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -224,11 +231,12 @@ class DiT(nn.Module):
                 select=None, head=None):
         """x: token ids (B, L), or probability vectors (B, L, K) over the first K ids.
         sigma: (B,) noise level for adaLN (zeros if None). causal / mask: the attention (mask is
-        boolean, True = may attend, broadcastable to (B, H, L, Lk)). positions: (B, L) rotary
-        positions (default: cache.len + 0..L-1). select: boolean (B, L), the positions that reach
-        the output layer (default: all). head(h, W, b) is the output layer, output_layer: logits
-        (B, L, V), or (N, V) at select, over the padded vocabulary (padding = -inf). fused.py
-        passes its chunked loss as head, and the call returns that loss."""
+        boolean, True = may attend, broadcastable to (B, H, L, Lk), or the same as a BlockMask:
+        fused.block_mask). positions: (B, L) rotary positions (default: cache.len + 0..L-1).
+        select: boolean (B, L), the positions that reach the output layer (default: all).
+        head(h, W, b) is the output layer, output_layer: logits (B, L, V), or (N, V) at select,
+        over the padded vocabulary (padding = -inf). fused.py passes its chunked loss as head,
+        and the call returns that loss."""
         if x.dtype.is_floating_point:  # soft input: a weighted sum of embeddings
             h = x @ self.embed[:x.shape[-1]].to(x.dtype)
         else:

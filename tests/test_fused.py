@@ -223,3 +223,36 @@ def test_fused_step_saves_no_logits(name, monkeypatch):
               if t.numel() > 4 * x.numel()  # per-token tensors (not adaLN's per-sequence views)
               and t.untyped_storage().nbytes() >= 3 * t.numel() * t.element_size()]
     assert not pinned, [t.shape for t in pinned]  # a saved view holding a storage 3x its size
+
+
+def test_flex_attention_with_the_block_mask_is_sdpa_with_the_boolean_mask():
+    """Eso-LM's 2L mask as a BlockMask (the sequential loss's path on a GPU): flex_attention's
+    forward (a CPU runs no backward) equals SDPA's with the boolean mask, in float64, at sizes
+    with empty, full and mixed 128 x 128 tiles; the BlockMask lists exactly the tiles that are
+    not empty, so the kernel skips the rest."""
+    torch.manual_seed(0)
+    for n in (5, 100, 256):
+        mask = esolm.sequential_mask(n, 'cpu')
+        q, k, v = torch.randn(3, 2, 3, 2 * n, 16, dtype=torch.float64)
+        block_mask = fused.block_mask(esolm.sequential_mask, n, torch.device('cpu'))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(fused.flex(q, k, v, block_mask), want, atol=1e-12, rtol=0), n
+        T = -(-2 * n // 128)  # tiles per side, the mask padded with False
+        padded = torch.zeros(T * 128, T * 128, dtype=torch.bool)
+        padded[:2 * n, :2 * n] = mask
+        tiles = padded.view(T, 128, T, 128).any(3).any(1)
+        listed = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
+        assert listed == tiles.sum(), n
+    assert tiles.sum() == 8 and tiles.numel() == 16  # n = 256: half the tiles are skipped
+
+
+def test_the_network_attends_through_a_block_mask_as_through_its_boolean_mask():
+    net = random_dit(K)
+    n = 6
+    x = torch.randint(0, K, (2, 2 * n))
+    positions = torch.cat([torch.randperm(n), torch.randperm(n)]).expand(2, 2 * n)
+    block_mask = fused.block_mask(esolm.sequential_mask, n, torch.device('cpu'))
+    with torch.no_grad():
+        want = net(x, mask=esolm.sequential_mask(n, 'cpu'), positions=positions)
+        got = net(x, mask=block_mask, positions=positions)
+    assert torch.allclose(got[..., :K], want[..., :K], atol=1e-10, rtol=0)

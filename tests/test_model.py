@@ -1,4 +1,6 @@
 """The shared network: shapes, attention modes, KV cache, size ladder, FLOPs."""
+import math
+
 import pytest
 import torch
 
@@ -143,3 +145,28 @@ def test_top_p_at_exactly_the_boundary():
                        torch.tensor([[0, 2 / 3, 0, 1 / 3]], dtype=torch.float64))
     assert torch.equal(M.top_p_filter(probs, 0.5),
                        torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))
+
+
+def test_kv_cache_attention_of_several_new_queries_is_the_bottom_right_causal_mask():
+    """Queries at the end of the keys (a prompt at once, a chunk, one token): each sees the keys
+    at or before its own position, as the boolean mask j <= cache.len + i did, in float64."""
+    torch.manual_seed(0)
+    cfg = get_config('tiny', 50)
+    attn = M.Attention(cfg).double()
+    n = 9
+    x = torch.randn(2, n, cfg.n_embd, dtype=torch.float64)
+    cos, sin = M.rotary(torch.arange(n).expand(2, n), cfg.n_embd // cfg.n_head)
+    qkv = attn.qkv(x).view(2, n, 3, cfg.n_head, -1).permute(2, 0, 3, 1, 4)
+    q, k = (M.apply_rotary(t, cos, sin) for t in qkv[:2])
+    j = torch.arange(n)
+    for start in (0, 3, 5, 8):  # cached keys before the new queries
+        cache = KVCache(n)
+        if start:
+            attn(x[:, :start], cos[:, :, :start], sin[:, :, :start], False, None, cache, 0)
+            cache.len = start
+        got = attn(x[:, start:], cos[:, :, start:], sin[:, :, start:], False, None, cache, 0)
+        mask = j <= j[start:, None]  # new query i is position start + i
+        scores = (q[:, :, start:] @ k.transpose(-1, -2)) / math.sqrt(k.shape[-1])
+        y = scores.masked_fill(~mask, float('-inf')).softmax(-1) @ qkv[2]
+        want = attn.proj(y.transpose(1, 2).reshape(2, n - start, cfg.n_embd))
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), start
