@@ -225,6 +225,7 @@ def test_fused_step_saves_no_logits(name, monkeypatch):
     assert not pinned, [t.shape for t in pinned]  # a saved view holding a storage 3x its size
 
 
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 def test_flex_attention_with_the_block_mask_is_sdpa_with_the_boolean_mask():
     """Eso-LM's 2L mask as a BlockMask (the sequential loss's path on a GPU): flex_attention's
     forward (a CPU runs no backward) equals SDPA's with the boolean mask, in float64, at sizes
