@@ -12,7 +12,7 @@ import os
 import torch
 
 import data
-from model import DiT, SIZES, flops_per_token, get_config
+from model import DiT, SIZES, flops_per_token, get_config, seed_flops_per_token
 
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
@@ -143,7 +143,7 @@ def resolve(args):
     a.grad_accum = a.batch_size // (a.world_size * a.micro_batch_size)
     cfg = get_config(a.size, algo.vocab_size(a.vocab_size), dropout=a.dropout)
     if a.flops:  # MATH (37): steps = budget / (3 x forward FLOPs per sequence x global batch)
-        per_seq = flops_per_token(cfg, a.block_size) * a.block_size
+        per_seq = seed_flops_per_token(cfg, a.block_size) * a.block_size
         a.max_iters = max(1, int(a.flops / (3 * per_seq * a.batch_size)))
     if a.warmup_iters is None:  # max(1% of steps, 100), at most 20%
         a.warmup_iters = min(max(a.max_iters // 100, 100), a.max_iters // 5)
@@ -168,7 +168,7 @@ def plan(args):
     with torch.device('meta'):
         net = DiT(cfg)
     tokens = args.batch_size * args.block_size
-    per_token = flops_per_token(cfg, args.block_size)
+    per_token = seed_flops_per_token(cfg, args.block_size)   # the seed's count, MATH (36)
     return {'algo': args.algo, 'size': args.size, 'params': net.num_params(),
             'params_non_embedding': net.num_params(embeddings=False),
             'flops_per_token': per_token,
