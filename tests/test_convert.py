@@ -17,7 +17,9 @@ import config
 import data
 import eval as evaluation
 import sample
+import train
 from checkpoint import load_checkpoint, load_model
+from test_train import TINY
 
 D, H, C, N = 16, 4, 8, 2   # width, heads, conditioning width, blocks
 GPT2_V = 50258             # GPT-2's 50257 ids + one: [MASK] (MDLM, Eso-LM) or [PAD] (Duo)
@@ -26,7 +28,7 @@ BYTE_V = 258               # the byte tokenizer's 257 ids + one
 
 # ---- the released network, written from its description --------------------------------------
 
-def released_weights(V, adaLN=True, seed=0):
+def released_weights(V, adaLN=True, seed=0, D=D, C=C):
     """Random weights under the released names and shapes (without `backbone.`), in
     backbone.named_parameters() order."""
     g = torch.Generator().manual_seed(seed)
@@ -172,8 +174,10 @@ def lightning_ckpt(path, algo_name, raw, ema, tokenizer='byte', shadow=None, **a
     """A Lightning checkpoint of the seed or the method repos: state_dict under backbone., the
     EMA as a list in backbone.named_parameters() order, the hyper-parameters an omegaconf
     config; written through a stand-in module that is gone when it is read."""
+    d = raw['vocab_embed.embedding'].shape[1]
     hp = {'algo': {'name': algo_name, **algo_cfg}, 'data': {'tokenizer_name_or_path': tokenizer},
-          'model': {'hidden_size': D, 'n_heads': H, 'n_blocks': N, 'length': 32, 'cond_dim': C}}
+          'model': {'hidden_size': d, 'n_heads': H if d == D else 2, 'n_blocks': N, 'length': 32,
+                    'cond_dim': C if d == D else 128}}
     fake = types.ModuleType('omegaconf_standin')
     fake.FakeDictConfig = FakeDictConfig
     fake.FakeNode = FakeNode
@@ -362,3 +366,19 @@ def test_eval_cli_on_a_lightning_checkpoint(tmp_path, monkeypatch, capsys):
     logits = reference(released_weights(BYTE_V, adaLN=False), x[:, :-1], causal=True)
     nll = -logits[..., :BYTE_V - 1].log_softmax(-1).gather(-1, x[:, 1:, None]).mean().item()
     assert result['nll'] == pytest.approx(nll, abs=1e-5)
+
+
+def test_train_init_from_a_lightning_checkpoint(tmp_path):
+    """train.py --init-from starts from the converted weights (the EMA ones): with no step
+    taken, the run's checkpoint holds exactly them. The network is --size tiny (64, 2 blocks,
+    2 heads, cond 128) with the byte tokenizer."""
+    raw = released_weights(BYTE_V, seed=4, D=64, C=128)
+    ema = released_weights(BYTE_V, seed=5, D=64, C=128)
+    spec = lightning_ckpt(tmp_path / 'base.ckpt', 'mdlm', raw, ema, time_conditioning=False)
+    train.main(TINY[2:] + ['--algo', 'mdlm', '--init-from', spec, '--max-iters', '0',
+                           '--out-dir', str(tmp_path / 'run')])
+    saved = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
+    converted = load_checkpoint(spec)['model']
+    assert saved.keys() == converted.keys()
+    assert all(torch.equal(saved[k], converted[k]) for k in saved)
+    assert torch.equal(saved['embed'][:BYTE_V], ema['vocab_embed.embedding'])
