@@ -191,7 +191,7 @@ def eso_settings(spec, config):
     else:
         alpha0 = 1.0
         where = "neither config.json nor the name: the default"
-    batch_split = 1.0 if alpha0 == 1 else 0.5
+    batch_split = 0.5 if 0 < alpha0 < 1 else alpha0   # both losses trained half and half
     print(f'{spec}: Eso-LM alpha0 {alpha0:g}, batch split {batch_split:g}, from {where} '
           f'(--alpha0 overrides)')
     return {'alpha0': alpha0, 'batch_split': batch_split, 'time_cond': False}
@@ -324,8 +324,8 @@ def lightning_dataset(name):
     return str(name)
 
 
-def get(tree, path, source, default=None):
-    """tree['a']['b'] for path 'a.b' of the Lightning hyper-parameters."""
+def get(tree, path, source, default=None, kind=str):
+    """tree['a']['b'] for path 'a.b' of the Lightning hyper-parameters, as `kind`."""
     node = tree
     for key in path.split('.'):
         if not isinstance(node, dict) or key not in node:
@@ -334,7 +334,11 @@ def get(tree, path, source, default=None):
             raise SystemExit(f'{source}: hyper_parameters has no {path}: not a checkpoint of the '
                              f'seed or the method repos')
         node = node[key]
-    return node
+    try:
+        return kind(node)
+    except (TypeError, ValueError):  # e.g. an interpolation omegaconf never resolved
+        raise SystemExit(f"{source}: hyper_parameters {path} is '{node}', not a "
+                         f"{kind.__name__}") from None
 
 
 def lightning_weights(ckpt, source):
@@ -372,28 +376,28 @@ def load_lightning(path):
         raise SystemExit(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise SystemExit(f"'{path}' holds no Lightning checkpoint (no state_dict): pass {SOURCES}")
-    config = get(plain(ckpt.get('hyper_parameters')) or {}, 'config', path)
+    config = get(plain(ckpt.get('hyper_parameters')) or {}, 'config', path, kind=dict)
     name = get(config, 'algo.name', path)
     if name not in LIGHTNING_ALGOS:
         raise SystemExit(f"{path}: algo.name '{name}' is none of {', '.join(LIGHTNING_ALGOS)}")
     algo = LIGHTNING_ALGOS[name]
     weights = lightning_weights(ckpt, path)
     tokenizer = lightning_tokenizer(get(config, 'data.tokenizer_name_or_path', path))
-    args = {'block_size': int(get(config, 'model.length', path)),
+    args = {'block_size': get(config, 'model.length', path, kind=int),
             'dataset': lightning_dataset(get(config, 'data.valid', path, 'openwebtext'))}
     if algo == 'mdlm':
-        args['time_cond'] = bool(get(config, 'algo.time_conditioning', path, False))
+        args['time_cond'] = get(config, 'algo.time_conditioning', path, False, kind=bool)
     if algo == 'esolm':
-        args.update(alpha0=float(get(config, 'algo.alpha_0', path)),
-                    batch_split=float(get(config, 'algo.batch_split', path)), time_cond=False)
+        args.update(alpha0=get(config, 'algo.alpha_0', path, kind=float),
+                    batch_split=get(config, 'algo.batch_split', path, kind=float), time_cond=False)
         print(f"{path}: Eso-LM alpha0 {args['alpha0']:g}, batch split {args['batch_split']:g}, "
               f"from its hyper-parameters (--alpha0 overrides)")
     D, V, n_layer = shape_of(weights)[:3]
     print(f'{path}: {algo} (algo.name {name}), {n_layer} blocks x {D}, {V} ids, tokenizer '
           f'{tokenizer}')
     K = real_tokens(algo, V, tokenizer, path)
-    ckpt_out = checkpoint(algo, weights, int(get(config, 'model.n_heads', path)), K, args,
-                          tokenizer, path, int(get(config, 'model.cond_dim', path, 128)))
+    ckpt_out = checkpoint(algo, weights, get(config, 'model.n_heads', path, kind=int), K, args,
+                          tokenizer, path, get(config, 'model.cond_dim', path, 128, kind=int))
     ckpt_out['step'] = int(ckpt.get('global_step') or 0)
     return ckpt_out
 
