@@ -339,7 +339,7 @@ def test_other_mismatches_are_one_line(tmp_path):
 # ---- the tools end to end ----------------------------------------------------------------------
 
 def test_sample_cli_on_a_hugging_face_folder(tmp_path, capsys):
-    spec = hf_folder(tmp_path / 'mdlm-owt', 'mdlm', released_weights(GPT2_V))
+    spec = 'hf:' + hf_folder(tmp_path / 'mdlm-owt', 'mdlm', released_weights(GPT2_V))
     tokens, nfe = sample.main(['--ckpt', spec, '--num-samples', '2', '--length', '12',
                                '--steps', '4', '--dtype', 'float32', '--seed', '1'])
     out = capsys.readouterr().out
