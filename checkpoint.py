@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import convert
 from data import no_room
 from model import DiT, Config
 
@@ -22,7 +23,19 @@ KEYS = {'model', 'config', 'args', 'algo', 'step', 'meta'}
 
 def load_checkpoint(path, algo=None):
     """A train.py checkpoint, or one line that says why not (a missing, truncated or foreign
-    file; another method than `algo`)."""
+    file; another method than `algo`). A released model (hf:NAME, a folder in its layout, a
+    Lightning .ckpt) comes converted to the same shape by convert.py."""
+    if convert.is_released(path):
+        ckpt = convert.load(path)
+    else:
+        ckpt = read_checkpoint(path)
+    if algo is not None and ckpt['algo'] != algo:
+        raise SystemExit(f"'{path}' is a checkpoint of --algo {ckpt['algo']}, not {algo}: "
+                         f"pass --algo {ckpt['algo']} or another checkpoint")
+    return ckpt
+
+
+def read_checkpoint(path):
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at '{path}'")
     try:  # plain tensors only: runs no code
@@ -31,11 +44,8 @@ def load_checkpoint(path, algo=None):
         raise SystemExit(f"'{path}' is not a readable checkpoint ({type(e).__name__}): "
                          f"pass a ckpt.pt written by train.py") from None
     if not isinstance(ckpt, dict) or not KEYS <= set(ckpt):
-        raise SystemExit(f"'{path}' holds no train.py checkpoint: pass a ckpt.pt written by "
-                         f"train.py")
-    if algo is not None and ckpt['algo'] != algo:
-        raise SystemExit(f"'{path}' is a checkpoint of --algo {ckpt['algo']}, not {algo}: "
-                         f"pass --algo {ckpt['algo']} or another checkpoint")
+        raise SystemExit(f"'{path}' holds no train.py checkpoint (for a released model: "
+                         f"{convert.SOURCES}): pass a ckpt.pt written by train.py")
     return ckpt
 
 

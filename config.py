@@ -12,17 +12,18 @@ import os
 import torch
 
 import data
-from model import DiT, SIZES, flops_per_token, get_config
+from model import DiT, SIZES, flops_per_token, get_config, seed_flops_per_token
 
 ALGOS = ('ar', 'mdlm', 'duo', 'esolm')
 ON_GPU = torch.cuda.is_available()
 # bfloat16 only where a matmul runs natively in it: on an AVX2-only CPU it is ~100x slower
-DTYPE = 'bfloat16' if ON_GPU or torch.cpu._is_avx512_bf16_supported() else 'float32'
+CPU_DTYPE = 'bfloat16' if torch.cpu._is_avx512_bf16_supported() else 'float32'
+DTYPE = 'bfloat16' if ON_GPU else CPU_DTYPE
 # the flags whose default depends on the device: (GPU, the seed's recipe; CPU, a short run)
 DEVICE_DEFAULTS = dict(batch_size=(256, 8), micro_batch_size=(16, 8), block_size=(2048, 256),
                        max_iters=(100_000, 400), lr=(2e-4, 1e-3), min_lr=(2e-5, 1e-4),
                        eval_interval=(1000, 100), eval_iters=(50, 10), ckpt_interval=(1000, 250),
-                       ema=(0.0, 0.0))
+                       ema=(0.0, 0.0), dtype=('bfloat16', CPU_DTYPE), compile=(True, False))
 AT_LEAST = dict(micro_batch_size=1, batch_size=1, block_size=2, eval_interval=1, ckpt_interval=1,
                 log_interval=1, eval_iters=1, max_iters=0, warmup_iters=0, lr=0, min_lr=0,
                 weight_decay=0)
@@ -87,11 +88,11 @@ def get_parser():
     g.add_argument('--ckpt-interval', type=int, help=by_device('ckpt_interval'))
     g = p.add_argument_group('system')
     g.add_argument('--device', default='cuda' if ON_GPU else 'cpu')
-    g.add_argument('--dtype', default=DTYPE, choices=['bfloat16', 'float16', 'float32'],
-                   help=f'autocast dtype (default here: {DTYPE}; bfloat16 needs a GPU or an '
-                        'AVX512-BF16 CPU)')
-    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=ON_GPU,
-                   help='torch.compile the network (default: on with CUDA)')
+    g.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'],
+                   help=f'autocast dtype {by_device("dtype")}: bfloat16 needs a GPU or an '
+                        'AVX512-BF16 CPU')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction,
+                   help=f'torch.compile the network {by_device("compile")}')
     g.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='output layer + loss in chunks (fused.py; default: on); off: the plain '
                         'path of the method file')
@@ -117,8 +118,9 @@ def check_args(a):
                          'pass one of them')
     if a.size not in SIZES:
         raise SystemExit(f"unknown size '{a.size}': choose one of {', '.join(SIZES)}")
-    if a.device.startswith('cuda') and not ON_GPU:
-        raise SystemExit(f'--device {a.device}: no CUDA device here: use --device cpu')
+    if a.device.startswith('cuda') and not ON_GPU and not a.dry_run:  # a plan needs no GPU
+        raise SystemExit(f'--device {a.device}: no CUDA device here: use --device cpu '
+                         f'(or --dry-run to see the GPU plan)')
     load_algo(a.algo)
 
 
@@ -144,7 +146,7 @@ def resolve(args):
     a.grad_accum = a.batch_size // (a.world_size * a.micro_batch_size)
     cfg = get_config(a.size, algo.vocab_size(a.vocab_size), dropout=a.dropout)
     if a.flops:  # MATH (37): steps = budget / (3 x forward FLOPs per sequence x global batch)
-        per_seq = flops_per_token(cfg, a.block_size) * a.block_size
+        per_seq = seed_flops_per_token(cfg, a.block_size) * a.block_size
         a.max_iters = max(1, int(a.flops / (3 * per_seq * a.batch_size)))
     if a.warmup_iters is None:  # max(1% of steps, 100), at most 20%
         a.warmup_iters = min(max(a.max_iters // 100, 100), a.max_iters // 5)
@@ -169,7 +171,7 @@ def plan(args):
     with torch.device('meta'):
         net = DiT(cfg)
     tokens = args.batch_size * args.block_size
-    per_token = flops_per_token(cfg, args.block_size)
+    per_token = seed_flops_per_token(cfg, args.block_size)   # the seed's count, MATH (36)
     return {'algo': args.algo, 'size': args.size, 'params': net.num_params(),
             'params_non_embedding': net.num_params(embeddings=False),
             'flops_per_token': per_token,

@@ -34,7 +34,9 @@ from config import ON_GPU, add_method_args, add_sampling_args, load_algo, parse_
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='a checkpoint written by train.py')
+    p.add_argument('--ckpt', required=True,
+                   help='a ckpt.pt of train.py, or a released model: hf:NAME, a folder with '
+                        'config.json and model.safetensors, a Lightning .ckpt (convert.py)')
     p.add_argument('--dataset', help="any dataset data.py prepares (default: the checkpoint's)")
     p.add_argument('--split', default='val', choices=['val', 'train'])
     p.add_argument('--block-size', type=int,

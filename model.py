@@ -70,6 +70,17 @@ def flops_per_token(cfg, seq_len, attention=False, out_share=1.0):
     return per_token + per_seq / seq_len + attn
 
 
+def seed_flops_per_token(cfg, seq_len):
+    """Forward FLOPs per token as the seed counts them (calflops on its network), what --flops
+    budgets, MATH (36): the matmuls above plus what calflops also sees: LayerNorm 4 per element
+    (2n + 1 norms), GELU 1 per MLP unit, 1 per attention score (the scaling of the scores; QK^T
+    and AV are not seen), the rotary angles, and once per sequence the sigma MLP and its SiLUs."""
+    d, n, c, heads = cfg.n_embd, cfg.n_layer, cfg.cond_dim, cfg.n_head
+    per_token = 4 * d * (2 * n + 1) + 4 * d * n + n * heads * seq_len + d // heads // 2
+    per_seq = 2 * c * (256 + c) + 2 * c
+    return flops_per_token(cfg, seq_len) + per_token + per_seq / seq_len
+
+
 def peak_flops(device, dtype):
     """Peak matmul FLOP/s for MFU: the datasheet on known GPUs, else the best of up to 6 timed
     n x n matmuls in the run's dtype (the best: a busy machine slows only some)."""

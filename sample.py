@@ -30,7 +30,9 @@ from eval import load_judge, score
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='a checkpoint written by train.py')
+    p.add_argument('--ckpt', required=True,
+                   help='a ckpt.pt of train.py, or a released model: hf:NAME, a folder with '
+                        'config.json and model.safetensors, a Lightning .ckpt (convert.py)')
     p.add_argument('--num-samples', type=int, default=4)
     p.add_argument('--length', type=int,
                    help='tokens per sample (default: the training context)')

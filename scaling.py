@@ -26,7 +26,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from model import DiT, Config, flops_per_token
+from model import DiT, Config, flops_per_token, seed_flops_per_token
 
 
 def get_parser():
@@ -91,7 +91,8 @@ def read_result(path):
     if step < a['max_iters'] or not val:
         return None
     cfg = Config(**ckpt['config'])
-    fpt = flops_per_token(cfg, a['block_size'])
+    fpt = flops_per_token(cfg, a['block_size'])            # matmuls: 2 x the weights a token uses
+    budgeted = seed_flops_per_token(cfg, a['block_size'])  # what train.py's --flops counts
     tokens = step * a['batch_size'] * a['block_size']
     with torch.device('meta'):
         net = DiT(cfg)
@@ -104,7 +105,7 @@ def read_result(path):
         params_non_embedding=net.num_params(embeddings=False),
         tokens=tokens,
         steps=step,
-        flops_used=3 * fpt * tokens,
+        flops_used=3 * budgeted * tokens,
         val_loss=val[-1],
         run_dir=path,
     )

@@ -172,6 +172,22 @@ def test_dry_run_prints_the_resolved_values_and_epochs(capsys):
     assert 'epochs: unknown' in capsys.readouterr().out
 
 
+def test_gpu_plan_previewed_without_a_gpu(monkeypatch, capsys):
+    """--device cuda --dry-run prints the GPU recipe on a machine without CUDA (the seed's
+    distil_owt.sh: lr 6e-5, EMA 0.999, T 512, a teacher every 10,000 steps); without --dry-run
+    it is refused."""
+    monkeypatch.setattr(config, 'ON_GPU', False)
+    train.main(['--algo', 'duo', '--distill-from', 'X', '--device', 'cuda', '--dry-run'])
+    out = dict(line.split(': ', 1) for line in capsys.readouterr().out.strip().splitlines())
+    out = {k.strip(): v for k, v in out.items()}
+    got = [out[k] for k in ('lr', 'min_lr', 'ema', 'distill_T', 'teacher_every', 'warmup_iters',
+                            'batch_size', 'max_iters', 'block_size', 'dtype', 'compile')]
+    assert got == ['6e-05', '6e-05', '0.999', '512', '10000', '500', '128', '50000', '2048',
+                   'bfloat16', 'True']
+    with pytest.raises(SystemExit, match='no CUDA device here'):
+        train.main(['--algo', 'duo', '--device', 'cuda'])
+
+
 @pytest.mark.parametrize('n_train, says', [(300, True), (1000, False)])
 def test_a_plan_that_reads_the_data_many_times_says_so(n_train, says, tmp_path, monkeypatch,
                                                         capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import scaling
-from model import flops_per_token, get_config
+from model import flops_per_token, get_config, seed_flops_per_token
 
 BUDGETS = [1e15, 1e16, 1e17, 1e18]
 
@@ -143,7 +143,7 @@ def fake_train(calls, law):
         out = opt['--out-dir']
         cfg = get_config(size, 258 if algo == 'mdlm' else 257)
         fpt = flops_per_token(cfg, 16)
-        steps = max(1, int(flops / (3 * fpt * 16 * 2)))
+        steps = max(1, int(flops / (3 * seed_flops_per_token(cfg, 16) * 16 * 2)))
         args = dict(size=size, flops=flops, max_iters=steps, block_size=16, batch_size=2)
         ckpt = dict(algo=algo, step=steps, args=args, config=vars(cfg), model={}, meta={})
         torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
@@ -220,7 +220,7 @@ def test_real_grid_through_train_py(tmp_path, monkeypatch):
     with open(tmp_path / 'runs.csv') as f:
         rows = {r['size']: r for r in csv.DictReader(f)}
     for size, r in rows.items():
-        fpt = flops_per_token(get_config(size, 257), 16)
+        fpt = seed_flops_per_token(get_config(size, 257), 16)   # what --flops budgets
         steps = int(1e9 / (3 * fpt * 16 * 2))
         assert int(r['steps']) == steps and int(r['tokens']) == steps * 32
         with open(os.path.join(scaling.run_dir(str(tmp_path), 'ar', size, 1e9), 'log.jsonl')) as f:
