@@ -15,7 +15,9 @@ branch on the method.
     train_loss(model, x, u, args, step, state) -> the scalar to backpropagate
     eval_nll(model, x, u, args) -> (NLL or NELBO per sequence (B,), tokens per sequence)
     mfu_flops(cfg, args)        forward FLOPs per token, attention included, MATH (38)
-    denoise(model, args, z, keep, report) -> (tokens, NFE): fill one window, keep fixed
+    denoise(model, args, z, keep, report) -> (tokens, NFE): fill one window, keep fixed;
+                                after each step report(z, nfe, noisy): noisy is a boolean
+                                tensor, or a function that makes one (only called if traced)
     sample(model, args, n, length, prompt=None, device='cpu', *, fixed=None, callback=None)
                                 -> (tokens (n, length), NFE)
 
@@ -58,8 +60,8 @@ def train_loss(model, x, u, args, step, state):
     """-log p_theta(x_l | x_<l), the mean over the B (L - 1) predicted tokens, MATH (1)."""
     inputs, targets = x[:, :-1], x[:, 1:]
     if args.fused:  # the same number without the (B, L, V) logits: fused.py
-        head = fused.cross_entropy(targets.flatten(), args.vocab_size, 1 / targets.numel())
-        return model(inputs, causal=True, head=head)
+        head = fused.cross_entropy_head(targets.flatten(), args.vocab_size, 1)
+        return model(inputs, causal=True, head=head) / targets.numel()
     logits = model(inputs, causal=True)
     nll = cross_entropy(logits, targets, args.vocab_size)   # -log p_theta(x_l | x_<l)
     return nll.mean()

@@ -53,9 +53,14 @@ def load_model(path, device):
     """The network of a checkpoint, in eval mode (its EMA weights when it has them), and the
     checkpoint."""
     ckpt = load_checkpoint(path)
+    return model_from(ckpt, device), ckpt
+
+
+def model_from(ckpt, device):
+    """The network of a loaded checkpoint, in eval mode, its EMA weights when it has them."""
     model = DiT(Config(**ckpt['config']))
     model.load_state_dict(ckpt.get('ema') or ckpt['model'])
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval()
 
 
 def tensor_bytes(obj):

@@ -96,8 +96,7 @@ def get_parser():
     g.add_argument('--fused', action=argparse.BooleanOptionalAction, default=True,
                    help='output layer + loss in chunks (fused.py; default: on); off: the plain '
                         'path of the method file')
-    for name in ALGOS:  # each method's own flags
-        load_algo(name).add_args(p.add_argument_group(f'{name} options'))
+    add_method_args(p)  # each method's own flags
     return p
 
 

@@ -10,14 +10,11 @@ reverse step, and the continuous-time NELBO has a closed form per token (Duo eq.
 that needs only xbar = K alpha_t x_theta + (1 - alpha_t) at z, at x and summed in log. Its
 optimum at position l is p(x_l | the noisy tokens at the *other* positions), MATH (20).
 
-The duality: a Gaussian latent w_t = atilde_t e_x + sqrt(1 - atilde_t^2) eps gives, through
-argmax(w_t), exactly this uniform-state process with alpha_t = T(atilde_t), the Diffusion
-Transformation Operator, MATH (25). Duo uses it twice. Curriculum (--curriculum-steps N): for
-the first N steps the network reads the soft, low-variance input softmax(w_t / tau) while the
-loss stays the discrete NELBO at alpha_t = T(atilde_t). Discrete Consistency Distillation
-(--distill-from CKPT): a student at time t is pulled towards a frozen teacher at s = t - dt,
-both reading argmax of the *same* Gaussian trajectory, with dt doubling each time the teacher
-is refreshed; the student then samples well in a few steps. The contract: ar.py.
+The duality, MATH (24)-(27): argmax of a Gaussian latent w_t is exactly this process at
+alpha_t = T(atilde_t). Duo uses it for a curriculum (--curriculum-steps: the network reads the
+soft softmax(w_t / tau), the loss stays the discrete NELBO) and for consistency distillation
+(--distill-from: a student at t pulled towards a frozen teacher at s = t - dt on the same
+Gaussian trajectory), after which it samples well in a few steps. The contract: ar.py.
 """
 import copy
 import math
@@ -26,7 +23,7 @@ import os
 import torch
 
 import fused
-from mdlm import EPS, schedule, sigma_of
+from mdlm import EPS, T_LAST, schedule, sigma_of
 from model import (flops_per_token, generate, log_softmax, sample_categorical, top_p_filter,
                    unwrap)
 
@@ -96,7 +93,64 @@ def corrupt(x, alpha_t, K):
     return torch.where(redrawn, torch.randint_like(x, K), x)
 
 
-# ---- the Gaussian dual: alpha = T(atilde) ----------------------------------------------------
+# ---- loss ------------------------------------------------------------------------------------
+
+def nelbo_integrand(logits, x, z_t, alpha_t, dalpha_t, K):
+    """Duo's closed-form NELBO integrand per token (Duo eq. 17), MATH (15)-(16): logits
+    (..., V), and x, z_t, alpha_t, alpha'_t of the same shape (...). >= 0. In float32 at least,
+    float64 if alpha_t is (evaluation)."""
+    x_theta = log_softmax(logits, K).exp()
+    x_theta = x_theta.to(torch.promote_types(x_theta.dtype, alpha_t.dtype))
+    a = alpha_t.to(x_theta.dtype)
+    da = dalpha_t.to(x_theta.dtype)
+    xbar = K * a[..., None] * x_theta + (1 - a[..., None])            # MATH (15)
+    log_xbar = torch.log(xbar)
+    xbar_z = xbar.gather(-1, z_t[..., None])[..., 0]
+    log_xbar_z = log_xbar.gather(-1, z_t[..., None])[..., 0]
+    log_xbar_x = log_xbar.gather(-1, x[..., None])[..., 0]
+    same = x == z_t
+    xbar_true_z = 1 - a + K * a * same                                # xbar at z with e_x
+    kappa = (1 - a) / (K * a + 1 - a)
+    c = torch.where(same, kappa, 1.0)
+    r = K * a / (1 - a)
+    A = K * (1 / xbar_true_z - 1 / xbar_z)                            # the 1/xbar term
+    B = c * (log_xbar.sum(-1) - K * log_xbar_z)                       # the log-sum term
+    C = r * (log_xbar_x - log_xbar_z) * ~same                         # the true-token term
+    offset = torch.where(same, (K - 1) * kappa, -1 / kappa) * torch.log(kappa)
+    return da / (K * a) * (A + B + C - offset)
+
+
+def elbo_loss(model, inputs, x, z_t, alpha_t, dalpha_t, args):
+    """The training loss: the NELBO integrand, MATH (16), averaged over the B L tokens, one time
+    per sequence, MATH (18). The network reads `inputs`: z_t, or the curriculum's soft latent."""
+    K = args.vocab_size
+    a = alpha_t[:, None].expand_as(x)                                 # one per token
+    da = dalpha_t[:, None].expand_as(x)
+    if args.fused:  # the same number without the (B, L, V) logits: fused.py, MATH (17)
+        head = fused.duo_nelbo_head(x.flatten(), z_t.flatten(), a.flatten(), da.flatten(), K, 1)
+        return model(inputs, sigma=sigma_of(alpha_t), head=head) / x.numel()
+    logits = model(inputs, sigma=sigma_of(alpha_t))
+    return nelbo_integrand(logits, x, z_t, a, da, K).sum() / x.numel()
+
+
+def train_loss(model, x, u, args, step, state):
+    """The NELBO, MATH (16)-(18), at t from u; the first --curriculum-steps the Gaussian
+    relaxation, MATH (26); with --distill-from, consistency distillation, MATH (27) (below)."""
+    if args.distill_from:
+        return distill_loss(model, x, u, args, step, state)
+    if step < args.curriculum_steps:
+        return curriculum_loss(model, x, u, args)
+    t = EPS + (1 - EPS) * u                                            # MATH (4)
+    alpha_t, dalpha_t = schedule(t)                                    # MATH (3)
+    z_t = corrupt(x, alpha_t, args.vocab_size)
+    return elbo_loss(model, z_t, x, z_t, alpha_t, dalpha_t, args)
+
+
+def mfu_flops(cfg, args):
+    return flops_per_token(cfg, args.block_size, attention=True)
+
+
+# ---- the Gaussian dual: curriculum and distillation, alpha = T(atilde) -----------------------
 
 def dto_table(K, h=2e-3):
     """alpha = T(atilde) and d alpha / dm on the grid m = 0, h, 2h, ... up to where alpha = 1,
@@ -166,47 +220,6 @@ def gaussian_latent(x, gamma, noise):
     return w.scatter_add(-1, x[..., None], atilde.expand(*x.shape, 1))
 
 
-# ---- loss ------------------------------------------------------------------------------------
-
-def nelbo(logits, x, z_t, alpha_t, dalpha_t, K):
-    """Duo's closed-form NELBO integrand per token (Duo eq. 17), MATH (15)-(16): logits
-    (..., V), and x, z_t, alpha_t, alpha'_t of the same shape (...). >= 0. In float32 at least,
-    float64 if alpha_t is (evaluation)."""
-    x_theta = log_softmax(logits, K).exp()
-    x_theta = x_theta.to(torch.promote_types(x_theta.dtype, alpha_t.dtype))
-    a = alpha_t.to(x_theta.dtype)
-    da = dalpha_t.to(x_theta.dtype)
-    xbar = K * a[..., None] * x_theta + (1 - a[..., None])            # MATH (15)
-    log_xbar = torch.log(xbar)
-    xbar_z = xbar.gather(-1, z_t[..., None])[..., 0]
-    log_xbar_z = log_xbar.gather(-1, z_t[..., None])[..., 0]
-    log_xbar_x = log_xbar.gather(-1, x[..., None])[..., 0]
-    same = x == z_t
-    xbar_true_z = 1 - a + K * a * same                                # xbar at z with e_x
-    kappa = (1 - a) / (K * a + 1 - a)
-    c = torch.where(same, kappa, 1.0)
-    r = K * a / (1 - a)
-    A = K * (1 / xbar_true_z - 1 / xbar_z)                            # the 1/xbar term
-    B = c * (log_xbar.sum(-1) - K * log_xbar_z)                       # the log-sum term
-    C = r * (log_xbar_x - log_xbar_z) * ~same                         # the true-token term
-    offset = torch.where(same, (K - 1) * kappa, -1 / kappa) * torch.log(kappa)
-    return da / (K * a) * (A + B + C - offset)
-
-
-def elbo_loss(model, inputs, x, z_t, alpha_t, dalpha_t, args):
-    """The training loss: the NELBO integrand, MATH (16), averaged over the B L tokens, one time
-    per sequence, MATH (18). The network reads `inputs`: z_t, or the curriculum's soft latent."""
-    K = args.vocab_size
-    a = alpha_t[:, None].expand_as(x)                                 # one per token
-    da = dalpha_t[:, None].expand_as(x)
-    if args.fused:  # the same number without the (B, L, V) logits: fused.py, MATH (17)
-        head = fused.duo_nelbo(x.flatten(), z_t.flatten(), a.flatten(), da.flatten(), K,
-                               1 / x.numel())
-        return model(inputs, sigma=sigma_of(alpha_t), head=head)
-    logits = model(inputs, sigma=sigma_of(alpha_t))
-    return nelbo(logits, x, z_t, a, da, K).mean()
-
-
 def curriculum_loss(model, x, u, args):
     """The discrete NELBO at alpha_t = T(atilde_t), the network reading the soft latent
     softmax(w_t / tau), MATH (26); gamma is linear in t over [gamma_min, gamma_max]."""
@@ -258,21 +271,6 @@ def distill_loss(model, x, u, args, step, state):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()   # KL(student || teacher)
 
 
-def train_loss(model, x, u, args, step, state):
-    if args.distill_from:
-        return distill_loss(model, x, u, args, step, state)
-    if step < args.curriculum_steps:
-        return curriculum_loss(model, x, u, args)
-    t = EPS + (1 - EPS) * u                                            # MATH (4)
-    alpha_t, dalpha_t = schedule(t)                                    # MATH (3)
-    z_t = corrupt(x, alpha_t, args.vocab_size)
-    return elbo_loss(model, z_t, x, z_t, alpha_t, dalpha_t, args)
-
-
-def mfu_flops(cfg, args):
-    return flops_per_token(cfg, args.block_size, attention=True)
-
-
 # ---- evaluation ------------------------------------------------------------------------------
 
 def prior_kl(K):
@@ -289,7 +287,8 @@ def eval_nll(model, x, u, args):
     token redrawn to another value (probability O(t)) enters as O(1/v) with probability O(v^2).
     Plus the prior term, MATH (18)-(19). An upper bound on -log p(x), tight for the
     leave-one-out denoiser."""
-    K, L = args.vocab_size, x.shape[1]
+    K = args.vocab_size
+    L = x.shape[1]
     v = (1 - u.double()).clamp(min=1e-6)   # t >= 1e-12: alpha_t < 1 in float64
     alpha_t, dalpha_t = schedule(v ** 2)
     z_t = corrupt(x, alpha_t, K)
@@ -297,10 +296,10 @@ def eval_nll(model, x, u, args):
     da = dalpha_t[:, None].expand_as(x)
     sigma = sigma_of(alpha_t)
     if args.fused:  # the same values, CHUNK rows of logits at a time
-        rows = fused.Rows(nelbo, x.flatten(), z_t.flatten(), a.flatten(), da.flatten(), K)
+        rows = fused.Rows(nelbo_integrand, x.flatten(), z_t.flatten(), a.flatten(), da.flatten(), K)
         f = model(z_t, sigma=sigma, head=rows).view(x.shape)
     else:
-        f = nelbo(model(z_t, sigma=sigma), x, z_t, a, da, K)
+        f = nelbo_integrand(model(z_t, sigma=sigma), x, z_t, a, da, K)
     return 2 * v * f.sum(1) + L * prior_kl(K), L
 
 
@@ -319,7 +318,7 @@ def posterior(p, z, alpha_t, alpha_s, K):
 @torch.no_grad()
 def denoise(model, args, z, keep, report):
     """Ancestral sampling from uniform noise, MATH (22)-(23): T steps on t = linspace(1, 1e-5,
-    T+1), each drawing z_s ~ q(z_s | z_t, x_theta(z_t)) (nucleus-filtered), then the noise
+    T+1), each drawing z_s ~ q(z_s | z_t, x_theta(z_t)) (x_theta nucleus-filtered), then the noise
     removal: one more call at t = 1e-5 and a draw at alpha_s = 1 (--greedy-tail: argmax
     x_theta). NFE = T + 1. Kept tokens are clamped at every step. report(z, nfe, noisy),
     noisy: the tokens unlike argmax x_theta."""
@@ -327,16 +326,17 @@ def denoise(model, args, z, keep, report):
     T = args.steps or z.shape[1]
     dtype = torch.float64 if args.float64 else torch.float32
     z = torch.where(keep, z, torch.randint_like(z, K))  # the prior: uniform tokens
-    t = torch.linspace(1, 1e-5, T + 1, dtype=torch.float64)
+    t = torch.linspace(1, T_LAST, T + 1, dtype=torch.float64)
     alphas = schedule(t)[0].tolist() + [1.0]
     for i, (alpha_t, alpha_s) in enumerate(zip(alphas[:-1], alphas[1:])):
-        sigma = torch.full((z.shape[0],), -math.log(alpha_t), device=z.device)
+        alpha = torch.full((z.shape[0],), alpha_t, dtype=torch.float64, device=z.device)
+        sigma = sigma_of(alpha)
         x_theta = model(z, sigma=sigma)[..., :K].to(dtype).softmax(-1)
         if args.greedy_tail and alpha_s == 1:
             z_s = x_theta.argmax(-1)
-        else:
-            q = posterior(x_theta, z, alpha_t, alpha_s, K)
-            z_s = sample_categorical(top_p_filter(q, args.top_p))
+        else:  # the nucleus filters x_theta, not the posterior (mostly "stay at z_t")
+            q = posterior(top_p_filter(x_theta, args.top_p), z, alpha_t, alpha_s, K)
+            z_s = sample_categorical(q)
         z = torch.where(keep, z, z_s)
         report(z, i + 1, lambda: (z != x_theta.argmax(-1)) & ~keep)   # no argmax unless traced
     return z, T + 1

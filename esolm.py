@@ -27,7 +27,8 @@ import math
 import torch
 
 import fused
-from mdlm import EPS, corrupt, mask_id, masked_subset, schedule, vocab_size  # noqa: F401
+from mdlm import (EPS, corrupt, mask_id, masked_subset, per_sequence, schedule,  # noqa: F401
+                  vocab_size)
 from model import (KVCache, cross_entropy, flops_per_token, generate, sample_categorical,
                    top_p_filter)
 
@@ -125,7 +126,7 @@ def diffusion_loss(model, x, u, args):
     inputs, targets = diffusion_inputs(x, masked, K)
     weight = weight[:, None].expand_as(x)[inputs['select']]  # one per masked token
     if args.fused:  # the same number without the (N, V) logits: fused.py
-        return model(**inputs, head=fused.cross_entropy(targets, K, weight)) / x.numel()
+        return model(**inputs, head=fused.cross_entropy_head(targets, K, weight)) / x.numel()
     nll = cross_entropy(model(**inputs), targets, K)        # -log x_theta(x_l | z_t)
     return (weight * nll).sum() / x.numel()
 
@@ -153,7 +154,7 @@ def sequential_loss(model, x, args):
     if args.fused:
         if x.is_cuda and not args.dropout:  # as a flex_attention block mask: flash-like, fused.py
             inputs['mask'] = fused.block_mask(sequential_mask, x.shape[1], x.device)
-        return model(**inputs, head=fused.cross_entropy(targets, K, 1)) / x.numel()
+        return model(**inputs, head=fused.cross_entropy_head(targets, K, 1)) / x.numel()
     nll = cross_entropy(model(**inputs), targets, K)
     return nll.sum() / x.numel()
 
@@ -179,10 +180,11 @@ def train_loss(model, x, u, args, step, state):
 def mfu_flops(cfg, args):
     """Forward FLOPs per token: diffusion rows output where masked (E = 1 - alpha_0 / 2);
     sequential rows run the blocks over 2L tokens, output at the (1 - alpha_0) L masked z_0."""
-    L, a0, s = args.block_size, args.alpha0, args.batch_split
+    L = args.block_size
+    a0 = args.alpha0
     diffusion = flops_per_token(cfg, L, attention=True, out_share=1 - a0 / 2)
     sequential = 2 * flops_per_token(cfg, 2 * L, attention=True, out_share=(1 - a0) / 2)
-    return s * diffusion + (1 - s) * sequential
+    return args.batch_split * diffusion + (1 - args.batch_split) * sequential
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -193,12 +195,6 @@ def masked_nll(model, args, targets, **inputs):
     if args.fused:
         return model(**inputs, head=fused.Rows(cross_entropy, targets, K))
     return cross_entropy(model(**inputs), targets, K)
-
-
-def per_sequence(nll, select):
-    """Sum the per-token values nll (N,) at the True entries of select (B, n) per row (B,)."""
-    rows = select.nonzero()[:, 0]
-    return torch.zeros(len(select), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
 
 
 @torch.no_grad()
@@ -223,13 +219,15 @@ def iw_nll(model, x, args):
 
 @torch.no_grad()
 def eval_nll(model, x, u, args):
-    """An unbiased, finite-variance estimate of the exact NELBO per sequence (an upper bound on
-    -log p(x), equal to it for exact conditionals), MATH (33), or the importance-weighted bound
-    with --iw-orders N > 0. The diffusion part on alpha_t = alpha_0 (1 - t), t in (0, 1], t
-    integrated out: alpha_0 L / k times the masked cross-entropy of a uniform k-subset, k ~
-    P(Binomial(L, 1 - alpha_0) < k) / (L alpha_0). The sequential part as in training."""
+    """An unbiased, finite-variance estimate of the exact NELBO per sequence, MATH (33): an upper
+    bound on -log p(x) of the model the training loss fits (equal to it for exact conditionals);
+    with --iw-orders N > 0 the importance-weighted bound of the one-token-per-step sampler (34).
+    The diffusion part on alpha_t = alpha_0 (1 - t), t in (0, 1], t integrated out: alpha_0 L / k
+    times the masked cross-entropy of a uniform k-subset, k ~ P(Binomial(L, 1 - alpha_0) < k) /
+    (L alpha_0). The sequential part as in training."""
     check_args(args, training=False)
-    K, L = args.vocab_size, x.shape[1]
+    K = args.vocab_size
+    L = x.shape[1]
     if args.iw_orders > 0:
         return iw_nll(model, x, args), L
     nll = 0

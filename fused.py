@@ -2,7 +2,7 @@
 
 A learner never needs this file. Each method file computes its loss on the plain path (logits,
 then the loss, by autograd) and, with --fused (the default), hands the network one of the heads
-below as its output layer, `model(..., head=fused.cross_entropy(...))`, which returns the same
+below as its output layer, `model(..., head=fused.cross_entropy_head(...))`, which returns the same
 number. A head computes the logits CHUNK rows at a time in one reused (CHUNK, V) buffer, and in
 the same pass each chunk's loss and its gradient in h, W, b: the matmul FLOPs are the plain
 path's, nothing is recomputed, and a few (CHUNK, V) buffers replace the (N, V) logits, their
@@ -47,15 +47,15 @@ def duo_nelbo_grad(logits, x, z, alpha_t, dalpha_t, K):
     log xbar_j = log(1 - a) + softplus(v_j), kappa = 1 / (1 + r), so no large constants cancel
     near a = 0 or 1. Gradient: dv_j / dlogit_k = [j=k] - x_theta_k, d softplus(v) = sigmoid(v)
     =: s, and with
-      g_j = df/dv_j = C (c s_j + [j=z] g_z + [j=x] g_x),  C = a' / (K a),
+      g_j = df/dv_j = coeff (c s_j + [j=z] g_z + [j=x] g_x),  coeff = a' / (K a),
       g_z = (r/a) s_z (1 - s_z) - (K c + r) s_z,  g_x = r s_x,
-      df/dlogit_k = g_k - (e_k / r) sum_j g_j = C e_k (Q - c s_k) + the [j=z], [j=x] parts,
+      df/dlogit_k = g_k - (e_k / r) sum_j g_j = coeff e_k (Q - c s_k) + the [j=z], [j=x] parts,
     Q = (c sum_j e_j s_j - g_z - g_x) / r (as sum_j s_j = r - sum_j e_j s_j: e_j - s_j = e_j s_j);
     this form has no c e_k - c e_k cancellation."""
     logits = float32_at_least(logits)
     logits[:, K:] = float('-inf')
     a = alpha_t.to(logits.dtype)
-    C = dalpha_t.to(logits.dtype) / (K * a)
+    coeff = dalpha_t.to(logits.dtype) / (K * a)
     r = K * a / (1 - a)
     l_z = logits.gather(-1, z[:, None])[:, 0]
     l_x = logits.gather(-1, x[:, None])[:, 0]
@@ -74,16 +74,16 @@ def duo_nelbo_grad(logits, x, z, alpha_t, dalpha_t, K):
     term2 = (-c * (soft.sum(-1) - K * torch.nn.functional.softplus(v_z))
              - r * (torch.nn.functional.softplus(v_x) - torch.nn.functional.softplus(v_z))
              + offset)
-    loss = C * (term1 - term2)
+    loss = coeff * (term1 - term2)
     s = torch.div(e, torch.add(e, 1, out=soft), out=soft)    # s_j = e_j / (1 + e_j), in soft
     s_z = torch.sigmoid(v_z)
     s_x = torch.sigmoid(v_x)
     g_z = (r / a) * s_z * (1 - s_z) - (K * c + r) * s_z
     g_x = r * s_x
     Q = (c * torch.einsum('nv,nv->n', e, s) - g_z - g_x) / r
-    g = s.mul_(-(C * c)[:, None]).add_((C * Q)[:, None]).mul_(e)      # C e_k (Q - c s_k)
-    g.scatter_add_(-1, z[:, None], (C * g_z)[:, None])
-    g.scatter_add_(-1, x[:, None], (C * g_x)[:, None])
+    g = s.mul_(-(coeff * c)[:, None]).add_((coeff * Q)[:, None]).mul_(e)  # coeff e_k (Q - c s_k)
+    g.scatter_add_(-1, z[:, None], (coeff * g_z)[:, None])
+    g.scatter_add_(-1, x[:, None], (coeff * g_x)[:, None])
     return loss, g
 
 
@@ -187,12 +187,12 @@ class Head:
         return WeightedLoss.apply(h, W, b, weight, self.fn, self.rows)
 
 
-def cross_entropy(targets, K, weight):
+def cross_entropy_head(targets, K, weight):
     """sum_i weight_i (-log x_theta_i[target_i]) over the rows the network outputs."""
     return Head(cross_entropy_grad, weight, targets, K)
 
 
-def duo_nelbo(x, z_t, alpha_t, dalpha_t, K, weight):
+def duo_nelbo_head(x, z_t, alpha_t, dalpha_t, K, weight):
     """sum_i weight_i f_i, Duo's NELBO integrand, MATH (16), at the rows the network outputs;
     x, z_t, alpha_t, dalpha_t: one per row."""
     return Head(duo_nelbo_grad, weight, x, z_t, alpha_t, dalpha_t, K)

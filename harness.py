@@ -72,7 +72,7 @@ def nll_hit(logits, targets, K):
 def nelbo_hit(logits, x, z, a, da, K):
     """Per row: Duo's NELBO integrand, MATH (16), and whether x is the argmax, (n, 2)."""
     hit = logits[:, :K].argmax(-1) == x
-    return torch.stack([duo.nelbo(logits, x, z, a, da, K).double(), hit.double()], -1)
+    return torch.stack([duo.nelbo_integrand(logits, x, z, a, da, K).double(), hit.double()], -1)
 
 
 def rows(fn, K, *per_row):

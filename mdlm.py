@@ -27,6 +27,7 @@ from model import cross_entropy, flops_per_token, generate, sample_categorical, 
 EXACT = False           # eval_nll is the NELBO, an upper bound on the NLL
 VARIABLE_LENGTH = True
 EPS = 1e-3              # alpha_1 = eps: the schedule stops just short of all-masked
+T_LAST = 1e-5           # the samplers' last time before their noise-removal step, MATH (13)
 
 
 def add_args(parser):  # esolm.py reads --loss and --time-cond too
@@ -90,10 +91,10 @@ def train_loss(model, x, u, args, step, state):
         weight = torch.ones_like(alpha_t)
     weight = weight[:, None].expand_as(x)[masked]         # one per masked token
     if args.fused:  # the same number without the (N, V) logits: fused.py
-        head = fused.cross_entropy(x[masked], K, weight)
+        head = fused.cross_entropy_head(x[masked], K, weight)
         return model(z_t, sigma=sigma, select=masked, head=head) / x.numel()
     logits = model(z_t, sigma=sigma, select=masked)       # at the masked positions (N, V)
-    nll = cross_entropy(logits, x[masked], K)             # -log x_theta(z_t)_l[x_l], MATH (6)
+    nll = cross_entropy(logits, x[masked], K)             # -log x_theta(z_t)_l[x_l], MATH (7)
     return (weight * nll).sum() / x.numel()
 
 
@@ -125,7 +126,8 @@ def eval_nll(model, x, u, args):
     L/k times the masked cross-entropy of a uniform k-subset, k ~ U{1..L}. An upper bound on
     -log p(x), equal to it for the exact denoiser (no eps, no prior term). --time-cond: the
     network sees alpha_t = 1 - t with t ~ Beta(k, L - k + 1), MATH (11)."""
-    K, L = args.vocab_size, x.shape[1]
+    K = args.vocab_size
+    L = x.shape[1]
     masked, k = masked_subset(x, u)
     z = torch.where(masked, mask_id(K), x)
     sigma = None
@@ -136,9 +138,13 @@ def eval_nll(model, x, u, args):
         nll = model(z, sigma=sigma, select=masked, head=fused.Rows(cross_entropy, x[masked], K))
     else:
         nll = cross_entropy(model(z, sigma=sigma, select=masked), x[masked], K)
-    rows = masked.nonzero()[:, 0]                         # the sequence of each masked token
-    per_seq = torch.zeros(x.shape[0], device=x.device).index_add(0, rows, nll.float())
-    return L / k * per_seq, L
+    return L / k * per_sequence(nll, masked), L
+
+
+def per_sequence(nll, select):
+    """Sum per-token values nll (N,), one per True entry of select (B, n), row by row: (B,)."""
+    rows = select.nonzero()[:, 0]
+    return torch.zeros(len(select), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ def denoise(model, args, z, keep, report):
     z = z.clone()
     masked = ~keep
     left = int(masked.sum())  # tokens still masked
-    t = torch.linspace(1, 1e-5, T + 1, dtype=torch.float64)
+    t = torch.linspace(1, T_LAST, T + 1, dtype=torch.float64)
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
     alphas = schedule(t)[0].tolist()  # eps at t = 1 ... exactly 1 at the final t = 0
     logits = None
@@ -171,7 +177,8 @@ def denoise(model, args, z, keep, report):
         if logits is None:  # x_theta's logits at the masked positions (N, K), row-major
             sigma = None
             if args.time_cond:
-                sigma = sigma_of(torch.full((z.shape[0],), alpha_t, device=z.device))
+                alpha = torch.full((z.shape[0],), alpha_t, dtype=torch.float64, device=z.device)
+                sigma = sigma_of(alpha)
             logits = model(z, sigma=sigma, select=masked)[:, :K]  # no [MASK]: zero masking
             nfe += 1
         # q(z_s | z_t = MASK, x_theta), MATH (12): stay masked w.p. (1 - alpha_s)/(1 - alpha_t),

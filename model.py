@@ -245,9 +245,9 @@ class DiT(nn.Module):
         boolean, True = may attend, broadcastable to (B, H, L, Lk), or the same as a BlockMask:
         fused.block_mask). positions: (B, L) rotary positions (default: cache.len + 0..L-1).
         select: boolean (B, L), the positions that reach the output layer (default: all).
-        head(h, W, b) is the output layer, output_layer: logits (B, L, V), or (N, V) at select,
-        over the padded vocabulary (padding = -inf). fused.py passes its chunked loss as head,
-        and the call returns that loss."""
+        head(h, W, b) is the output layer, by default output_layer: the logits (B, L, V), or
+        (N, V) at select, over the padded vocabulary (padding = -inf). fused.py passes its
+        chunked loss as head, and the call returns that loss."""
         if x.dtype.is_floating_point:  # soft input: a weighted sum of embeddings
             h = x @ self.embed[:x.shape[-1]].to(x.dtype)
         else:

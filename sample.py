@@ -21,7 +21,7 @@ import time
 import torch
 
 import data
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, model_from
 from config import (DTYPE, ON_GPU, add_method_args, add_sampling_args, load_algo,
                     parse_with_checkpoint)
 from eval import load_judge, score
@@ -199,7 +199,7 @@ def main(argv=None):
     n = args.num_samples
     prompt, fixed, length = start_and_gaps(args, tok, n)
     steps_list = parse_steps(args.steps, min(length, args.block_size))  # per window
-    model, ckpt = load_model(args.ckpt, args.device)
+    model = model_from(ckpt, args.device)
     algo = load_algo(ckpt['algo'])
     judge = None
     if args.judge:  # fail before sampling

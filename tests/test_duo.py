@@ -94,7 +94,7 @@ def test_closed_form_equals_reverse_rate_elbo():
     dq = (marg(onehot, duo.schedule(t + h)[0]) - marg(onehot, duo.schedule(t - h)[0])) / (2 * h)
     assert torch.allclose(dq, (marg(onehot, a)[:, None] @ Q)[:, 0], atol=1e-8)
     brute = reverse_rate_integrand(logits, x, z, a, da, K5)
-    closed = duo.nelbo(logits, x, z, a, da, K5)
+    closed = duo.nelbo_integrand(logits, x, z, a, da, K5)
     assert torch.allclose(closed, brute, rtol=1e-10, atol=1e-12)
     assert (closed >= 0).all()
 
@@ -109,8 +109,8 @@ def test_closed_form_is_safe_in_float32_at_gpt2_vocab():
     z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kg, (N,), generator=g))
     for alpha in [1e-6, 1e-3, 0.5, 0.999, 1 - 1e-6]:
         a, da = torch.full((N,), alpha), torch.full((N,), -(1 - duo.EPS))
-        f32 = duo.nelbo(logits, x, z, a, da, Kg)
-        f64 = duo.nelbo(logits.double(), x, z, a.double(), da.double(), Kg)
+        f32 = duo.nelbo_integrand(logits, x, z, a, da, Kg)
+        f64 = duo.nelbo_integrand(logits.double(), x, z, a.double(), da.double(), Kg)
         assert torch.isfinite(f32).all() and f32.dtype == torch.float32
         assert torch.allclose(f32.double(), f64, rtol=1e-5, atol=0.1), alpha
         assert (f64 >= 0).all()
@@ -127,7 +127,7 @@ def expected_integrand(model, seqs, probs, t):
     q_zx = torch.where(z == x, a + (1 - a) / K, (1 - a) / K).prod(1)
     logits = model(z, sigma=torch.full((len(z),), -math.log(a), dtype=torch.float64))
     n = len(z) * L
-    loss = duo.nelbo(logits.flatten(0, 1), x.flatten(), z.flatten(),
+    loss = duo.nelbo_integrand(logits.flatten(0, 1), x.flatten(), z.flatten(),
                                a.expand(n), da.expand(n), K).view(-1, L).sum(1)
     return (probs.repeat_interleave(N) * q_zx * loss).sum().item()
 
@@ -490,3 +490,20 @@ def test_distillation_mechanics():
         opt.step()
     for r in range(2):  # falls within each round
         assert losses[r * every] > losses[r * every + 1] > losses[r * every + 2]
+
+
+def test_the_nucleus_filters_x_theta_not_the_posterior():
+    """With many steps the one-step posterior puts most of its mass on "stay at z_t"; a nucleus
+    of the posterior would keep only that and freeze the tokens until the noise removal. A
+    nucleus of x_theta (the reference code's) keeps the chain moving and near the data."""
+    seqs, probs = toy_distribution(K, L, seed=0)
+    frames = []
+
+    def keep_frames(z, nfe, noisy):
+        frames.append(z.clone())
+    torch.manual_seed(0)
+    x, _ = duo.sample(noisy_oracle(seqs, probs), args_for(steps=256, top_p=0.9), 4000, L,
+                      callback=keep_frames)
+    moved = (frames[128] != frames[256]).double().mean().item()   # steps T/2 .. T
+    assert moved > 0.2, moved                                       # frozen: 0.000
+    assert total_variation(x, seqs, probs) < 0.15                   # frozen: ~0.36

@@ -104,7 +104,7 @@ def test_duo_hand_gradient_is_the_autograd_one():
     z = torch.where(torch.arange(N) % 2 == 0, x, torch.randint(0, Kd, (N,), generator=g))
     a = torch.tensor([1e-5, 1e-3, 0.3, 0.9, 1 - 1e-4], dtype=torch.float64).repeat(N // 5)
     da = torch.full((N,), -(1 - duo.EPS), dtype=torch.float64)
-    value = duo.nelbo(logits + pad, x, z, a, da, Kd)
+    value = duo.nelbo_integrand(logits + pad, x, z, a, da, Kd)
     (auto,) = torch.autograd.grad(value.sum(), logits)
     with torch.no_grad():
         loss, hand = fused.duo_nelbo_grad(logits + pad, x, z, a, da, Kd)
@@ -139,7 +139,7 @@ def test_weighted_rows_chunked_and_without_grad():
     assert rows.shape == (N,) and not rows.requires_grad
     assert torch.allclose(rows, M.cross_entropy(torch.nn.functional.linear(h, W, b), t, Kc),
                           rtol=1e-12)
-    empty = fused.cross_entropy(t[:0], Kc, w[:0])(h[:0], W, b)  # nothing masked: 0, no gradient
+    empty = fused.cross_entropy_head(t[:0], Kc, w[:0])(h[:0], W, b)  # none masked: 0, no grad
     assert empty.item() == 0 and (torch.autograd.grad(empty, W)[0] == 0).all()
 
 
