@@ -19,6 +19,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 CHUNK = 256  # rows of logits at a time
+PAD = 64     # the last chunk's rows are rounded up to a multiple of this
 
 
 def float32_at_least(t):
@@ -91,23 +92,31 @@ def duo_nelbo_grad(logits, x, z, alpha_t, dalpha_t, K):
 
 def chunks(h, W, b, rows):
     """(i, n, h_c, rows_c, logits) for each CHUNK of rows: n real rows from row i, the logits in
-    one reused (CHUNK, V) buffer (W None: h are the logits already, from a stand-in network).
-    The last chunk is padded to CHUNK rows by repeating its last row, so every matmul has one
-    shape whatever the row count (oneDNN and CUDA keep per-shape caches); callers give the
-    padding rows weight 0 and drop their values."""
-    buf = h.new_empty(CHUNK, h.shape[1] if W is None else W.shape[0])
+    one reused buffer (W None: h are the logits already, from a stand-in network), float32 at
+    least (a low-precision matmul's output is copied into one reused float32 buffer). The last
+    chunk is padded to a multiple of PAD rows by repeating its last row, so the matmuls see
+    CHUNK / PAD shapes whatever the row count (oneDNN and CUDA keep per-shape caches); callers
+    give the padding rows weight 0 and drop their values."""
+    V = h.shape[1] if W is None else W.shape[0]
+    buf = h.new_empty(CHUNK, V)
+    work = buf
+    if buf.dtype not in (torch.float32, torch.float64):
+        work = torch.empty(CHUNK, V, dtype=torch.float32, device=h.device)
     N = len(h)
     for i in range(0, N, CHUNK):
         n = min(CHUNK, N - i)
-        take = slice(i, i + CHUNK)
-        if n < CHUNK:
-            take = torch.arange(i, i + CHUNK, device=h.device).clamp(max=N - 1)
+        size = min(-(-n // PAD) * PAD, CHUNK)
+        take = slice(i, i + size)
+        if n < size:
+            take = torch.arange(i, i + size, device=h.device).clamp(max=N - 1)
         h_c = h[take]
         rows_c = [r[take] if torch.is_tensor(r) and r.dim() > 0 else r for r in rows]
         if W is None:
-            logits = buf.copy_(h_c)
+            logits = work[:size].copy_(h_c)
         else:
-            logits = torch.addmm(b, h_c, W.t(), out=buf)
+            logits = torch.addmm(b, h_c, W.t(), out=buf[:size])
+            if work is not buf:
+                logits = work[:size].copy_(logits)
         yield i, n, h_c, rows_c, logits
 
 
@@ -147,12 +156,17 @@ class WeightedLoss(torch.autograd.Function):
         dW = None if W is None else torch.zeros_like(W, dtype=grad_dtype)
         db = None if b is None else torch.zeros_like(b, dtype=grad_dtype)
         total = torch.zeros((), dtype=weight.dtype, device=h.device)
-        weight = torch.cat([weight, weight.new_zeros(-len(h) % CHUNK)])
+        weight = torch.cat([weight, weight.new_zeros(CHUNK)])  # the padding rows: weight 0
+        low = None   # a reused buffer for d in a low-precision dtype
+        if h.dtype not in (torch.float32, torch.float64):
+            low = h.new_empty(CHUNK, W.shape[0] if W is not None else h.shape[1])
         for i, n, h_c, rows_c, logits in chunks(h, W, b, rows):
             loss, d = fn(logits, *rows_c)
-            w = weight[i:i + CHUNK]                  # the padding rows: weight 0
+            w = weight[i:i + len(h_c)]
             total += (w * loss).sum()
-            d = d.mul_(w[:, None]).to(h.dtype)       # d (sum_i w_i loss_i) / d logits
+            d = d.mul_(w[:, None])                   # d (sum_i w_i loss_i) / d logits
+            if low is not None:
+                d = low[:len(h_c)].copy_(d)
             if W is None:
                 dh[i:i + n] = d[:n]
                 continue
