@@ -74,19 +74,27 @@ def tensor_bytes(obj):
     return 0
 
 
-def save_checkpoint(ckpt, path):
-    """torch.save to a temporary name, then rename: a crash or a full disk leaves the previous
-    checkpoint whole and no temporary file behind; a failed write is one line (no_room)."""
+@contextlib.contextmanager
+def atomic(path):
+    """A temporary name to write `path` through, renamed over it when the block ends: a crash
+    leaves the old file or the new one, never half of one, and no temporary file behind (it is
+    removed on any failure: a full disk, an error, a second signal)."""
     tmp = f'{path}.{os.getpid()}.tmp'  # unique per process
     try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)          # atomic
-    except BaseException as e:         # a full disk, or a second signal mid-write
-        with contextlib.suppress(OSError):
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # gone already after the rename
             os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch's writer reports ENOSPC as either
-            raise SystemExit(no_room(path, e, tensor_bytes(ckpt)) + ' (--out-dir)') from None
-        raise
+
+
+def save_checkpoint(ckpt, path):
+    """The checkpoint, atomically; a failed write (a full disk) is one line (no_room)."""
+    try:
+        with atomic(path) as tmp:
+            torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as either
+        raise SystemExit(no_room(path, e, tensor_bytes(ckpt)) + ' (--out-dir)') from None
 
 
 def append_log(out_dir, record):
@@ -107,14 +115,10 @@ def trim_log(out_dir, step):
         rows = [json.loads(line) for line in f if line.endswith('\n')]
     rows = [r for r in rows
             if r.get('step', 0) < step or (r.get('step') == step and 'val_loss' not in r)]
-    tmp = f'{path}.{os.getpid()}.tmp'
     try:
-        with open(tmp, 'w') as f:
+        with atomic(path) as tmp, open(tmp, 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
-        os.replace(tmp, path)  # atomic
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise SystemExit(no_room(path, e)) from None
 
 

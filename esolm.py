@@ -27,8 +27,8 @@ import math
 import torch
 
 import fused
-from mdlm import (EPS, corrupt, mask_id, masked_subset, per_sequence, schedule,  # noqa: F401
-                  vocab_size)
+from mdlm import (EPS, corrupt, loss_weight, mask_id, masked_nll, masked_subset,  # noqa: F401
+                  per_sequence, schedule, vocab_size)
 from model import (KVCache, cross_entropy, flops_per_token, generate, sample_categorical,
                    top_p_filter)
 
@@ -119,11 +119,8 @@ def diffusion_loss(model, x, u, args):
     t = EPS + (1 - EPS) * u                                 # MATH (4)
     alpha_t, dalpha_t = schedule(t, args.alpha0)            # MATH (28)
     masked = corrupt(x, alpha_t, K) == mask_id(K)           # z_t ~ q(z_t | x)
-    if args.loss == 'elbo':
-        weight = -dalpha_t / (1 - alpha_t)
-    else:
-        weight = torch.ones_like(alpha_t)
     inputs, targets = diffusion_inputs(x, masked, K)
+    weight = loss_weight(alpha_t, dalpha_t, args)           # -alpha'_t / (1 - alpha_t), or 1
     weight = weight[:, None].expand_as(x)[inputs['select']]  # one per masked token
     if args.fused:  # the same number without the (N, V) logits: fused.py
         return model(**inputs, head=fused.cross_entropy_head(targets, K, weight)) / x.numel()
@@ -143,14 +140,21 @@ def sequential_inputs(x, masked, order, K):
     return inputs, x_s[m_s]
 
 
+def sequential_draw(x, args):
+    """z_0 ~ q(z_0 | x) and the sequential term's one pass over it (sequential_inputs): (model
+    inputs, targets, masked)."""
+    alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
+    masked = corrupt(x, alpha_0, args.vocab_size) == mask_id(args.vocab_size)
+    order = sort_order(masked, masked_left_to_right=True)
+    inputs, targets = sequential_inputs(x, masked, order, args.vocab_size)
+    return inputs, targets, masked
+
+
 def sequential_loss(model, x, args):
     """The sequential term, MATH (29): -log x_theta(x_l | z_0, x before l) at the tokens masked
     in z_0 ~ q(z_0 | x), summed and divided by the B L tokens."""
     K = args.vocab_size
-    alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
-    masked = corrupt(x, alpha_0, K) == mask_id(K)           # z_0 ~ q(z_0 | x)
-    order = sort_order(masked, masked_left_to_right=True)
-    inputs, targets = sequential_inputs(x, masked, order, K)
+    inputs, targets, _ = sequential_draw(x, args)
     if args.fused:
         if x.is_cuda and not args.dropout:  # as a flex_attention block mask: flash-like, fused.py
             inputs['mask'] = fused.block_mask(sequential_mask, x.shape[1], x.device)
@@ -188,14 +192,6 @@ def mfu_flops(cfg, args):
 
 
 # ---- evaluation ------------------------------------------------------------------------------
-
-def masked_nll(model, args, targets, **inputs):
-    """-log x_theta at the selected positions (N,), without gradients; fused: in chunks."""
-    K = args.vocab_size
-    if args.fused:
-        return model(**inputs, head=fused.Rows(cross_entropy, targets, K))
-    return cross_entropy(model(**inputs), targets, K)
-
 
 @torch.no_grad()
 def iw_nll(model, x, args):
@@ -237,10 +233,7 @@ def eval_nll(model, x, u, args):
         tokens = masked_nll(model, args, targets, **inputs)
         nll = nll + args.alpha0 * L / k * per_sequence(tokens, inputs['select'])
     if args.alpha0 < 1:   # alpha_0 = 1: z_0 = x, no sequential term
-        alpha_0 = torch.full((x.shape[0],), args.alpha0, device=x.device)
-        masked = corrupt(x, alpha_0, K) == mask_id(K)
-        order = sort_order(masked, masked_left_to_right=True)
-        inputs, targets = sequential_inputs(x, masked, order, K)
+        inputs, targets, masked = sequential_draw(x, args)
         nll = nll + per_sequence(masked_nll(model, args, targets, **inputs), masked)
     return nll, L
 

@@ -31,12 +31,12 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import load_model
-from config import DTYPE, ON_GPU, add_method_args, load_algo
+from checkpoint import atomic, load_model
+from config import DTYPE, ON_GPU, add_method_args, add_sampling_args, load_algo
 from eval import load_judge, score
 from model import sample_categorical
-from config import add_sampling_args
 from sample import parse_steps
+from scaling import pyplot
 
 LOW_ENTROPY = 0.9   # flagged: entropy below this fraction of the reference
 COLUMNS = ['method', 'checkpoint', 'options', 'steps', 'nfe', 'num_samples', 'length', 'seconds',
@@ -164,12 +164,10 @@ def pareto(rows):
 
 
 def write_csv(rows, path):
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', newline='') as f:
+    with atomic(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, COLUMNS, extrasaction='ignore')
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)  # atomic
 
 
 def line_label(r, rows):
@@ -184,13 +182,8 @@ def line_label(r, rows):
 def plot(rows, ref, path):
     """Throughput (log x) against gen PPL, a line per method, the front dashed, the degenerate
     points crossed out; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('frontier.py: no figure: matplotlib is not installed (pip install matplotlib); '
-              'frontier.csv is written', file=sys.stderr)
+    plt = pyplot('frontier.py', 'frontier.csv is')
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     lines = {}
@@ -219,10 +212,9 @@ def plot(rows, ref, path):
                  f"{first['dtype']}; labels: steps")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'
-    fig.savefig(tmp, dpi=120, format='png')
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format='png')
     plt.close(fig)
-    os.replace(tmp, path)  # atomic
     return path
 
 

@@ -22,16 +22,11 @@ CHUNK = 256  # rows of logits at a time
 PAD = 64     # the last chunk's rows are rounded up to a multiple of this
 
 
-def float32_at_least(t):
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-# ---- per-row losses with their gradient in the logits, in place ----------------------------
+# ---- per-row losses with their gradient in the logits (float32 or wider: chunks), in place --
 
 def cross_entropy_grad(logits, targets, K):
     """-log softmax(logits[:, :K])[target] per row (N,) and its gradient in the logits,
     softmax - onehot(target) (N, V), formed in the logits' memory."""
-    logits = float32_at_least(logits)
     logits[:, K:] = float('-inf')               # [MASK] and padding: MATH (6)
     l_target = logits.gather(-1, targets[:, None])[:, 0]
     m = logits.amax(-1, keepdim=True)
@@ -53,7 +48,6 @@ def duo_nelbo_grad(logits, x, z, alpha_t, dalpha_t, K):
       df/dlogit_k = g_k - (e_k / r) sum_j g_j = coeff e_k (Q - c s_k) + the [j=z], [j=x] parts,
     Q = (c sum_j e_j s_j - g_z - g_x) / r (as sum_j s_j = r - sum_j e_j s_j: e_j - s_j = e_j s_j);
     this form has no c e_k - c e_k cancellation."""
-    logits = float32_at_least(logits)
     logits[:, K:] = float('-inf')
     a = alpha_t.to(logits.dtype)
     coeff = dalpha_t.to(logits.dtype) / (K * a)

@@ -48,6 +48,7 @@ from torch.profiler import ProfilerActivity, profile
 import bench
 import data
 import fused
+from checkpoint import atomic
 from model import KVCache, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,17 +114,13 @@ def check_args(args):
 
 
 def write_json(path, obj):  # a temporary name, then renamed: never half a file
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
+    with atomic(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_text(path, text):
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
+    with atomic(path) as tmp, open(tmp, 'w') as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 # ---- the parent: one process per part ------------------------------------------------------

@@ -46,7 +46,7 @@ import duo
 import esolm
 import fused
 import mdlm
-from checkpoint import load_model
+from checkpoint import atomic, load_model
 from config import load_algo
 from model import cross_entropy
 
@@ -345,10 +345,8 @@ def run(args):
         folder = os.path.dirname(args.ckpt)
         out = os.path.join(folder if os.path.isdir(folder) else '.',
                            f"lm_eval-{'-'.join(tasks)}.json")
-    tmp = f'{out}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
+    with atomic(out) as tmp, open(tmp, 'w') as f:
         json.dump(results, f, indent=2, default=handle_non_serializable)
-    os.replace(tmp, out)   # atomic
     print(make_table(results))
     if results.get('groups'):
         print(make_table(results, 'groups'))

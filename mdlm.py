@@ -76,6 +76,14 @@ def corrupt(x, alpha_t, K):
 
 # ---- loss ------------------------------------------------------------------------------------
 
+def loss_weight(alpha_t, dalpha_t, args):
+    """The weight of a sequence's masked cross-entropy: the NELBO's -alpha'_t / (1 - alpha_t)
+    (= 1/t) with --loss elbo, MATH (7), or 1 with low_var, MATH (8). Eso-LM's too."""
+    if args.loss == 'elbo':
+        return -dalpha_t / (1 - alpha_t)
+    return torch.ones_like(alpha_t)
+
+
 def train_loss(model, x, u, args, step, state):
     """The NELBO's masked cross-entropy, weighted by -alpha'_t / (1 - alpha_t) (--loss elbo,
     MATH (7)) or by 1 (low_var, MATH (8)), summed and divided by the B L tokens."""
@@ -85,11 +93,7 @@ def train_loss(model, x, u, args, step, state):
     z_t = corrupt(x, alpha_t, K)
     masked = z_t == mask_id(K)                            # carry-over: the rest cost nothing
     sigma = sigma_of(alpha_t) if args.time_cond else None
-    if args.loss == 'elbo':
-        weight = -dalpha_t / (1 - alpha_t)                # = 1/t
-    else:
-        weight = torch.ones_like(alpha_t)
-    weight = weight[:, None].expand_as(x)[masked]         # one per masked token
+    weight = loss_weight(alpha_t, dalpha_t, args)[:, None].expand_as(x)[masked]  # per token
     if args.fused:  # the same number without the (N, V) logits: fused.py
         head = fused.cross_entropy_head(x[masked], K, weight)
         return model(z_t, sigma=sigma, select=masked, head=head) / x.numel()
@@ -134,11 +138,16 @@ def eval_nll(model, x, u, args):
     if args.time_cond:  # t given k
         t = torch.distributions.Beta(k.double(), (L - k + 1).double()).sample()
         sigma = sigma_of(1 - t.clamp(max=1 - 1e-12))
-    if args.fused:  # the same values, CHUNK rows of logits at a time
-        nll = model(z, sigma=sigma, select=masked, head=fused.Rows(cross_entropy, x[masked], K))
-    else:
-        nll = cross_entropy(model(z, sigma=sigma, select=masked), x[masked], K)
+    nll = masked_nll(model, args, x[masked], z, sigma=sigma, select=masked)
     return L / k * per_sequence(nll, masked), L
+
+
+def masked_nll(model, args, targets, x, **inputs):
+    """-log x_theta at the positions `select` picks from the input x (N,), without gradients;
+    fused: the output layer CHUNK rows at a time, the same values. Eso-LM's too."""
+    if args.fused:
+        return model(x, **inputs, head=fused.Rows(cross_entropy, targets, args.vocab_size))
+    return cross_entropy(model(x, **inputs), targets, args.vocab_size)
 
 
 def per_sequence(nll, select):

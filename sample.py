@@ -13,7 +13,6 @@ README "Sample quality"); --infill, --trace, --trace-html: README "Sampling".
 import argparse
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -21,7 +20,7 @@ import time
 import torch
 
 import data
-from checkpoint import load_checkpoint, model_from
+from checkpoint import atomic, load_checkpoint, model_from
 from config import (DTYPE, ON_GPU, add_method_args, add_sampling_args, load_algo,
                     parse_with_checkpoint)
 from eval import load_judge, score
@@ -158,10 +157,8 @@ def write_trace_html(path, frames, tok, title):
     """The trajectory as one self-contained page (inline CSS and JS): a slider over the steps."""
     pieces = {i: tok.decode([i]) for f in frames for i in set(f[2]) if 0 <= i < tok.vocab_size}
     blob = json.dumps({'title': title, 'pieces': pieces, 'frames': frames})
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.write(PAGE.replace('BLOB', blob.replace('</', '<\\/')))
-    os.replace(tmp, path)  # atomic
 
 
 # ---- main ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import atomic, load_checkpoint
 from model import DiT, Config, flops_per_token, seed_flops_per_token
 
 
@@ -143,7 +143,7 @@ def run_grid(args, extra):
 
 
 def write_csv(path, rows):
-    with open(path, 'w', newline='') as f:
+    with atomic(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -237,18 +237,27 @@ def table(fits, rows):
     return '\n'.join(lines)
 
 
-def plot(fits, rows, path):
-    """Iso-FLOP curves and parabolas per method, and every method's N*(C), L*(C);
-    None without matplotlib."""
+def pyplot(tool, written):
+    """matplotlib's pyplot on its file-only backend, or None and one stderr line: matplotlib is
+    optional (scaling.py's and frontier.py's figures)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FormatStrFormatter, NullFormatter
     except ImportError:
-        print('scaling.py: no figure: matplotlib is not installed (pip install matplotlib); '
-              'the tables and CSV files are written', file=sys.stderr)
+        print(f'{tool}: no figure: matplotlib is not installed (pip install matplotlib); '
+              f'{written} written', file=sys.stderr)
         return None
+    return plt
+
+
+def plot(fits, rows, path):
+    """Iso-FLOP curves and parabolas per method, and every method's N*(C), L*(C);
+    None without matplotlib."""
+    plt = pyplot('scaling.py', 'the tables and CSV files are')
+    if plt is None:
+        return None
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
     algos = list(fits)
     budgets = sorted({r['flops_budget'] for r in rows})
     n_rows = math.ceil((len(algos) + 2) / 3)
@@ -295,7 +304,8 @@ def plot(fits, rows, path):
         ax.yaxis.set_minor_formatter(FormatStrFormatter('%.3g'))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format='png')
     plt.close(fig)
     return path
 
@@ -332,7 +342,7 @@ def main(argv=None):
     if optima:
         write_csv(os.path.join(args.out_dir, 'optima.csv'), optima)
     text = table(fits, rows)
-    with open(os.path.join(args.out_dir, 'scaling.md'), 'w') as f:
+    with atomic(os.path.join(args.out_dir, 'scaling.md')) as tmp, open(tmp, 'w') as f:
         f.write(text + '\n')
     print(text)
     figure = None

@@ -214,12 +214,12 @@ def get_batch(run, split, key, slice_id, n_slices):
     return x, u[rows].to(a.device)
 
 
-def train_step(run):
-    """One optimizer step over the global batch: this rank's micro-steps, forward and backward,
-    then clip, update, EMA. Returns this rank's mean loss."""
+def train_step(run, lr):
+    """One optimizer step over the global batch at learning rate lr: this rank's micro-steps,
+    forward and backward, then clip, update, EMA. Returns this rank's mean loss."""
     a = run.args
     for group in run.opt.param_groups:
-        group['lr'] = get_lr(run.step, a)
+        group['lr'] = lr
     total = torch.zeros((), device=a.device)
     for micro in range(a.grad_accum):
         slice_id = micro * a.world_size + run.rank
@@ -309,7 +309,7 @@ def train(run):
         lr = get_lr(run.step, a)
         t0 = time.perf_counter()
         try:
-            loss = train_step(run)
+            loss = train_step(run, lr)
         except ValueError as e:  # a method refusing its options: one clear line
             raise SystemExit(f'--algo {a.algo}: {e}') from None
         dt = time.perf_counter() - t0
